@@ -1,0 +1,292 @@
+"""The config schema every experiment file builds on, `runlocal` shrinking, and early validation.
+
+Config files in `configs/` call `base_config()` and change fields; `validate()` runs before any work
+starts so a misspelled field (refused by the locked ConfigDict), a wrong type, or an impossible value
+fails with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import ml_collections
+
+# The stages `msnet train` knows, in pipeline order. Branch stages are named `branch_<bin name>`.
+COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak")
+
+
+class ConfigError(ValueError):
+  """A config field has a wrong type or an impossible value; the message names the field."""
+
+
+def _stage(**overrides: Any) -> ml_collections.ConfigDict:
+  """One training stage: how long, how fast, and on which data."""
+  stage = ml_collections.ConfigDict(dict(
+      epochs=1.0,             # passes over the stage's training records (a mixture counts all its records)
+      steps=-1,               # >0 overrides `epochs` with an exact number of optimizer steps
+      lr=0.01,                # peak learning rate
+      warmup_steps=0,         # linear warmup from 0 to `lr`
+      schedule="cosine",      # "cosine" (decay to 0) or "constant" after warmup
+      optimizer="sgd",        # "sgd" (with `momentum`, Nesterov) or "adamw"
+      momentum=0.9,           # SGD momentum
+      weight_decay=5e-4,      # decoupled weight decay on kernels
+      train_specs=[],         # degradation specs of the training mixture; [] = the stage's default
+  ))
+  stage.update(overrides)
+  return stage
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field msnet reads, with its default; experiment files change what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # one seed for data order, init, noise degradations and augmentation
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="embedded_cifar10",  # "embedded_cifar10", "folder" (dir or .tar/.tar.gz ImageFolder) or "tfds"
+      path="",                    # folder/tar path for source="folder"
+      tfds_name="",               # e.g. "imagenet2012", "imagenette", "cifar10" for source="tfds"
+      tfds_data_dir="",           # TFDS data_dir ("" = TFDS default)
+      train_split="train",        # source split used for training shards
+      eval_split="test",          # source split used for evaluation shards
+      image_size=32,              # network input size; sources larger than this are resized then cropped
+      resize_shorter=0,           # >0: resize shorter side to this, center-crop image_size, then degrade
+      max_train_examples=-1,      # >0: use the first N training images (runlocal / demo shrink)
+      max_eval_examples=-1,       # >0: use the first N evaluation images
+      num_classes=10,             # classifier outputs
+  ))
+
+  c.degrade = ml_collections.ConfigDict(dict(
+      num_workers=2,              # worker processes writing shards
+      records_per_shard=2048,     # records per ArrayRecord shard file
+      on_corrupt="skip",          # "skip" (count and skip) or "raise" for unreadable source images
+      num_shards=1,               # split the degrade job across machines: total parts ...
+      shard_index=0,              # ... and this machine's part (-1: use the JAX process index/count)
+  ))
+
+  # Quality bins: the master's labels and the branches' training data. `match` rules say which specs
+  # belong to a bin (by their last codec and its level: JPEG quality, JPEG 2000 ratio); bin 0 takes
+  # every spec no other bin matches (clean, mild compression, noise, blur). JPEG 2000 "quality 10 to 2"
+  # of the paper is read as compression ratios of about 100:1 and stronger (see configs/README in docs).
+  c.bins = [
+      ml_collections.ConfigDict(dict(name="clean", match=[], train_specs=["clean"])),
+      ml_collections.ConfigDict(dict(name="jpeg", match=["jpeg:5-20"],
+                                     train_specs=["jpeg:5", "jpeg:10", "jpeg:15", "jpeg:20"])),
+      ml_collections.ConfigDict(dict(name="jp2k", match=["jp2k:80-400"],
+                                     train_specs=["jp2k:100", "jp2k:150", "jp2k:200", "jp2k:300"])),
+  ]
+
+  # Evaluation sweeps: name -> list of specs. Combined sweeps compose left to right with "+".
+  c.sweeps = ml_collections.ConfigDict(dict(
+      clean=["clean"],
+      jpeg=[f"jpeg:{q}" for q in (1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)],
+      jp2k=[f"jp2k:{r}" for r in (2, 5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 400)],
+      noise=[f"noise:{s}" for s in (2, 5, 10, 15, 20, 30, 40, 60, 80, 100)],
+      blur=[f"blur:{s}" for s in (0.5, 1, 1.5, 2, 3, 4, 6)],
+      noise_jpeg=[f"noise:10+jpeg:{q}" for q in (5, 10, 20, 40, 70, 100)],
+      noise_jp2k=[f"noise:10+jp2k:{r}" for r in (5, 20, 60, 100, 200)],
+      blur_jpeg=[f"blur:1@4+jpeg:{q}" for q in (5, 10, 20, 40, 70, 100)],
+      blur_jp2k=[f"blur:1@4+jp2k:{r}" for r in (5, 20, 60, 100, 200)],
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      arch="vgg16",              # "vgg16" or "alexnet"
+      variant="cifar",           # "cifar" (32x32, small head) or "imagenet" (224x224, fc6/fc7 4096)
+      width=1.0,                 # channel width multiplier of every conv layer (cifar variant)
+      fc_width=512,              # width of fc6/fc7 (4096 for the imagenet variant)
+      norm="none",               # "none" or "group" (GroupNorm after every conv, for training from scratch)
+      input_norm="standard",     # "standard" (x/255 - 0.5)/0.25, "caffe" (Keras VGG BGR means), "torch" (ImageNet mean/std)
+      trunk_layers=10,           # weight layers in the shared trunk, counted conv1_1=1 ... conv5_3=13
+      dropout=0.0,               # dropout before fc6/fc7 (the imagenet VGG uses 0.5)
+      compute_dtype="float32",   # "float32" or "bfloat16" (params stay float32)
+      pretrained="",             # path of a Keras .h5 or torchvision .safetensors/.pth VGG-16 (imagenet)
+  ))
+
+  c.master = ml_collections.ConfigDict(dict(
+      conv_features=[32, 64, 64],  # the paper's master: 3 conv layers ...
+      fc_features=[256, 128],      # ... and 3 fully connected (these two + the bin output layer)
+  ))
+
+  c.stages = ml_collections.ConfigDict(dict(
+      baseline=_stage(epochs=30, lr=0.05, warmup_steps=200),
+      branch=_stage(epochs=5, lr=0.01),
+      master=_stage(epochs=5, lr=0.01),
+      da_fc8=_stage(epochs=3, lr=0.01),
+      da_fc67=_stage(epochs=3, lr=0.01),
+      da_fc678=_stage(epochs=3, lr=0.01),
+      stability=_stage(epochs=3, lr=0.005),
+      deepcloak=ml_collections.ConfigDict(dict(
+          mask_ratio=0.01,         # fraction of trunk-output channels masked (the paper: 1%)
+          num_examples=1024,       # clean/degraded pairs used to rank channel sensitivity
+          train_specs=["jpeg:10"],  # degradation the sensitivity is measured on
+      )),
+  ))
+  c.stability = ml_collections.ConfigDict(dict(
+      alpha=0.01,                # weight of KL(p(clean) || p(perturbed)) added to the clean cross-entropy
+      noise_sigma=10.0,          # Gaussian perturbation, sigma on the 0-255 scale (Zheng et al.)
+  ))
+  c.comparisons = list(COMPARISON_STAGES)  # which comparison methods `msnet run` trains
+
+  c.train = ml_collections.ConfigDict(dict(
+      global_batch=128,          # examples per optimizer step over all devices and processes
+      log_every_steps=50,        # metrics to metrics.jsonl and the console
+      checkpoint_every_steps=500,  # periodic orbax checkpoints (also saved at the end and on SIGTERM)
+      keep_checkpoints=2,        # keep the latest N checkpoints
+      hflip=True,                # random horizontal flips (moves no JPEG 8x8 grid)
+      num_workers=0,             # Grain worker processes (0 = threaded reads in the main process)
+      eval_every_epoch=True,     # clean validation accuracy at the end of each epoch
+  ))
+
+  c.evaluate = ml_collections.ConfigDict(dict(
+      global_batch=256,          # examples per evaluation step over all devices and processes
+      methods=["baseline", "branches", "ms", "ams", "map", "oracle", "bitstream",
+               "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak"],
+      sweeps=["clean", "jpeg", "jp2k", "noise", "blur",
+              "noise_jpeg", "noise_jp2k", "blur_jpeg", "blur_jp2k"],
+  ))
+
+  c.mesh = [("data", -1)]          # mesh axes and sizes; -1 takes the remaining devices
+  c.sharding_rules = [(".*", "replicate")]  # (param-path regex, "replicate" | mesh axis for FSDP)
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, Any]:
+  """`"runlocal,width=0.5"` -> {"runlocal": True, "width": "0.5"}: the config-file argument."""
+  out: dict[str, Any] = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    out[key.strip()] = value.strip() if sep else True
+  return out
+
+
+def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrink data, model and steps so the whole pipeline of a config runs in about a minute on 2 CPUs."""
+  c.data.max_train_examples = 512
+  c.data.max_eval_examples = 128
+  c.degrade.records_per_shard = 128
+  c.model.width = 0.125
+  c.model.fc_width = 64
+  c.model.dropout = 0.0
+  c.master.conv_features = [8, 16, 16]
+  c.master.fc_features = [32, 32]
+  for name in ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability"):
+    c.stages[name].epochs = 1.0
+    c.stages[name].steps = 4
+    c.stages[name].warmup_steps = 0
+  c.stages.deepcloak.num_examples = 64
+  for b in c.bins:
+    b.train_specs = b.train_specs[:1]
+  c.sweeps = ml_collections.ConfigDict({
+      "clean": ["clean"], "jpeg": ["jpeg:10", "jpeg:50"], "jp2k": ["jp2k:20", "jp2k:100"],
+      "noise": ["noise:20"], "blur": ["blur:1"], "noise_jpeg": ["noise:10+jpeg:10"],
+      "blur_jpeg": ["blur:1@4+jpeg:10"]})
+  c.evaluate.sweeps = list(c.sweeps.keys())
+  c.train.global_batch = 32
+  c.train.log_every_steps = 2
+  c.train.checkpoint_every_steps = 2
+  c.evaluate.global_batch = 64
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Refuse impossible values before any work starts, naming the field."""
+  from msnet import degradations  # spec parsing is the degradation library's job
+
+  _check(c.data.source in ("embedded_cifar10", "folder", "tfds"), "data.source",
+         f"{c.data.source!r} is not one of 'embedded_cifar10', 'folder', 'tfds'")
+  _check(c.data.source != "folder" or bool(c.data.path), "data.path", "required when data.source='folder'")
+  _check(c.data.source != "tfds" or bool(c.data.tfds_name), "data.tfds_name", "required when data.source='tfds'")
+  _check(c.data.image_size >= 8, "data.image_size", f"must be >= 8, got {c.data.image_size}")
+  _check(c.data.num_classes >= 2, "data.num_classes", f"must be >= 2, got {c.data.num_classes}")
+  _check(c.data.resize_shorter == 0 or c.data.resize_shorter >= c.data.image_size, "data.resize_shorter",
+         f"must be 0 or >= data.image_size ({c.data.image_size}), got {c.data.resize_shorter}")
+  _check(c.degrade.num_workers >= 0, "degrade.num_workers", "must be >= 0")
+  _check(c.degrade.records_per_shard >= 1, "degrade.records_per_shard", "must be >= 1")
+  _check(c.degrade.on_corrupt in ("skip", "raise"), "degrade.on_corrupt", "must be 'skip' or 'raise'")
+  _check(c.degrade.num_shards >= 1, "degrade.num_shards", "must be >= 1")
+  _check(-1 <= c.degrade.shard_index < c.degrade.num_shards, "degrade.shard_index",
+         f"must be -1 or in [0, {c.degrade.num_shards}), got {c.degrade.shard_index}")
+
+  _check(len(c.bins) >= 1, "bins", "needs at least one bin")
+  names = [b.name for b in c.bins]
+  _check(len(set(names)) == len(names), "bins", f"bin names must be unique, got {names}")
+  for i, b in enumerate(c.bins):
+    _check(bool(b.train_specs), f"bins[{i}].train_specs", "needs at least one spec")
+    for s in b.train_specs:
+      _spec_ok(degradations, s, f"bins[{i}].train_specs")
+    for rule in b.match:
+      try:
+        degradations.parse_bin_rule(rule)
+      except ValueError as e:
+        raise ConfigError(f"config.bins[{i}].match: {e}") from None
+  for name, specs in c.sweeps.items():
+    _check(len(specs) >= 1, f"sweeps.{name}", "is empty")
+    for s in specs:
+      _spec_ok(degradations, s, f"sweeps.{name}")
+  for name in c.evaluate.sweeps:
+    _check(name in c.sweeps, "evaluate.sweeps", f"{name!r} is not a sweep in config.sweeps {list(c.sweeps)}")
+  known_methods = {"baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", *COMPARISON_STAGES}
+  for m in c.evaluate.methods:
+    _check(m in known_methods, "evaluate.methods", f"{m!r} is not one of {sorted(known_methods)}")
+  for m in c.comparisons:
+    _check(m in COMPARISON_STAGES, "comparisons", f"{m!r} is not one of {list(COMPARISON_STAGES)}")
+
+  _check(c.model.arch in ("vgg16", "alexnet"), "model.arch", f"{c.model.arch!r} is not 'vgg16' or 'alexnet'")
+  _check(c.model.variant in ("cifar", "imagenet"), "model.variant", "must be 'cifar' or 'imagenet'")
+  _check(c.model.width > 0, "model.width", f"must be > 0, got {c.model.width}")
+  _check(c.model.norm in ("none", "group"), "model.norm", "must be 'none' or 'group'")
+  _check(c.model.input_norm in ("standard", "caffe", "torch"), "model.input_norm",
+         "must be 'standard', 'caffe' or 'torch'")
+  _check(1 <= c.model.trunk_layers <= 13, "model.trunk_layers",
+         f"must be in [1, 13] (VGG-16 conv layers conv1_1..conv5_3), got {c.model.trunk_layers}")
+  _check(0.0 <= c.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+  _check(c.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "must be float32 or bfloat16")
+  _check(len(c.master.conv_features) == 3, "master.conv_features", "the master has exactly 3 conv layers")
+  _check(len(c.master.fc_features) == 2, "master.fc_features",
+         "the master has 3 FC layers: give the 2 hidden widths (the third outputs the bins)")
+
+  for name in ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability"):
+    s = c.stages[name]
+    _check(s.epochs > 0 or s.steps > 0, f"stages.{name}.epochs", "epochs or steps must be > 0")
+    _check(s.lr > 0 and math.isfinite(s.lr), f"stages.{name}.lr", f"must be a positive number, got {s.lr}")
+    _check(s.schedule in ("cosine", "constant"), f"stages.{name}.schedule", "must be 'cosine' or 'constant'")
+    _check(s.optimizer in ("sgd", "adamw"), f"stages.{name}.optimizer", "must be 'sgd' or 'adamw'")
+    _check(s.warmup_steps >= 0, f"stages.{name}.warmup_steps", "must be >= 0")
+    for spec in s.train_specs:
+      _spec_ok(degradations, spec, f"stages.{name}.train_specs")
+  _check(0 < c.stages.deepcloak.mask_ratio < 1, "stages.deepcloak.mask_ratio", "must be in (0, 1)")
+  _check(c.stages.deepcloak.num_examples >= 1, "stages.deepcloak.num_examples", "must be >= 1")
+  _check(c.stability.alpha >= 0, "stability.alpha", "must be >= 0")
+  _check(c.stability.noise_sigma > 0, "stability.noise_sigma", "must be > 0")
+
+  _check(c.train.global_batch >= 1, "train.global_batch", "must be >= 1")
+  _check(c.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+  _check(c.train.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
+  _check(c.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+  _check(c.evaluate.global_batch >= 1, "evaluate.global_batch", "must be >= 1")
+  for i, axis in enumerate(c.mesh):
+    _check(len(axis) == 2 and isinstance(axis[0], str) and isinstance(axis[1], int), f"mesh[{i}]",
+           f"must be a (name, size) pair, got {axis!r}")
+  _check(c.mesh[0][0] == "data", "mesh", "the first mesh axis must be 'data'")
+
+
+def _spec_ok(degradations: Any, spec: str, field: str) -> None:
+  try:
+    degradations.parse(spec)
+  except ValueError as e:
+    raise ConfigError(f"config.{field}: {e}") from None
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON (written to W/config.json)."""
+  def default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+      return dataclasses.asdict(o)
+    return str(o)
+  return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=default)

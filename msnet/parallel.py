@@ -1,0 +1,87 @@
+"""Device mesh, sharding rules and multi-process start: the one place that knows about devices."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def maybe_initialize_distributed() -> None:
+  """Join a multi-process job when the launcher set one up (launch/*.sh, SLURM, Cloud TPU).
+
+  `launch/local.sh` exports MSNET_COORDINATOR, MSNET_NUM_PROCESSES and MSNET_PROCESS_ID; on SLURM and
+  Cloud TPU `jax.distributed.initialize()` detects the cluster itself (MSNET_DISTRIBUTED=auto).
+  A single plain process does nothing.
+  """
+  if os.environ.get("MSNET_COORDINATOR"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["MSNET_COORDINATOR"],
+        num_processes=int(os.environ["MSNET_NUM_PROCESSES"]),
+        process_id=int(os.environ["MSNET_PROCESS_ID"]),
+    )
+  elif os.environ.get("MSNET_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()
+
+
+def make_mesh(axes: Sequence[Sequence[Any]]) -> Mesh:
+  """A mesh over all devices of all processes from config.mesh, e.g. [("data", -1), ("model", 2)]."""
+  names = tuple(str(a[0]) for a in axes)
+  sizes = [int(a[1]) for a in axes]
+  n = jax.device_count()
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {list(axes)}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n % known:
+      raise ValueError(f"config.mesh: {list(axes)} does not divide {n} devices")
+    sizes[sizes.index(-1)] = n // known
+  if int(np.prod(sizes)) != n:
+    raise ValueError(f"config.mesh: sizes {sizes} use {int(np.prod(sizes))} devices but there are {n}")
+  return jax.make_mesh(tuple(sizes), names, devices=jax.devices())
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches split along their leading axis over the 'data' mesh axis."""
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_shardings(params: Any, mesh: Mesh, rules: Sequence[Sequence[str]]) -> Any:
+  """Shardings for a param pytree from (path regex, rule) pairs; the first matching rule wins.
+
+  A rule is "replicate" or the name of a mesh axis: then the largest dimension of the array that the
+  axis size divides is split over that axis (FSDP style), e.g. fc6 of each branch over "model".
+  """
+  def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    for pattern, rule in rules:
+      if re.fullmatch(pattern, name):
+        if rule == "replicate":
+          return NamedSharding(mesh, P())
+        if rule not in mesh.axis_names:
+          raise ValueError(f"config.sharding_rules: {rule!r} is not a mesh axis {mesh.axis_names}")
+        size = mesh.shape[rule]
+        dims = sorted(range(len(leaf.shape)), key=lambda d: -leaf.shape[d])
+        for d in dims:
+          if leaf.shape[d] % size == 0 and leaf.shape[d] >= size:
+            spec = [None] * len(leaf.shape)
+            spec[d] = rule
+            return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def process_slice(n: int) -> tuple[int, int]:
+  """[start, stop) of this process's contiguous part of n items (evaluation, degrade)."""
+  pid, count = jax.process_index(), jax.process_count()
+  per = -(-n // count)
+  return min(pid * per, n), min((pid + 1) * per, n)
