@@ -1,0 +1,81 @@
+"""`msnet run` / `msnet demo`: the stage graph degrade -> train stages -> evaluate -> report.
+
+Every stage skips work whose outputs are complete (shards with checksums, DONE.json of a training
+stage, finished evaluation cells), so rerunning the same command after a crash continues.
+Wall time per stage goes to W/timings.json.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Callable, Sequence
+
+import jax
+import ml_collections
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[msnet] {message}", flush=True)
+
+
+def _timed(workdir: pathlib.Path, name: str, fn: Callable[[], object]) -> object:
+  """Run one stage and record its wall time (process 0 writes W/timings.json)."""
+  _log(f"== {name}")
+  start = time.perf_counter()
+  out = fn()
+  seconds = time.perf_counter() - start
+  _log(f"== {name} done in {seconds:.1f} s")
+  if jax.process_index() == 0:
+    path = workdir / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[name] = round(seconds, 2)
+    path.write_text(json.dumps(timings, indent=2) + "\n")
+  return out
+
+
+def degrade(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  from msnet.data import degrade as degrade_lib
+  _timed(workdir, "degrade", lambda: degrade_lib.run_degrade(config, workdir))
+
+
+def show(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, spec: str, n: int,
+         out: pathlib.Path | None, split: str | None) -> None:
+  from msnet import degradations
+  from msnet.data import show as show_lib
+  out = out or workdir / f"show-{degradations.spec_slug(spec)}.png"
+  show_lib.render_grid(workdir, split or config.data.eval_split, spec, n, out, config)
+  _log(f"wrote {out}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+          stages: Sequence[str] | None = None) -> None:
+  from msnet import train as train_lib
+  known = train_lib.stage_names(config)
+  for stage in stages or known:
+    if stage not in known:
+      raise ValueError(f"--stage={stage!r}: this config's stages are {known}")
+    _timed(workdir, f"train/{stage}", lambda s=stage: train_lib.run_stage(config, workdir, s))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  from msnet import evaluate as evaluate_lib
+  _timed(workdir, "evaluate", lambda: evaluate_lib.run_evaluate(config, workdir))
+
+
+def report(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  from msnet import report as report_lib
+  _timed(workdir, "report", lambda: report_lib.run_report(config, workdir))
+  _log(f"report: {workdir / 'report' / 'report.md'}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The whole experiment of one config; a rerun continues where the last one stopped."""
+  start = time.perf_counter()
+  degrade(config, workdir)
+  train(config, workdir)
+  evaluate(config, workdir)
+  report(config, workdir)
+  _log(f"all stages done in {time.perf_counter() - start:.0f} s; report: {workdir / 'report' / 'report.md'}")
