@@ -253,7 +253,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   for name in ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability"):
     s = c.stages[name]
-    _check(s.epochs > 0 or s.steps > 0, f"stages.{name}.epochs", "epochs or steps must be > 0")
+    if name == "baseline" and c.model.pretrained:
+      continue  # the baseline is the imported pretrained network, not trained
+    _check(s.epochs > 0 or s.steps > 0, f"stages.{name}.epochs",
+           "epochs or steps must be > 0" + (" (or set model.pretrained)" if name == "baseline" else ""))
     _check(s.lr > 0 and math.isfinite(s.lr), f"stages.{name}.lr", f"must be a positive number, got {s.lr}")
     _check(s.schedule in ("cosine", "constant"), f"stages.{name}.schedule", "must be 'cosine' or 'constant'")
     _check(s.optimizer in ("sgd", "adamw"), f"stages.{name}.optimizer", "must be 'sgd' or 'adamw'")

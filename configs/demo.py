@@ -1,0 +1,48 @@
+r"""The demo: the whole master-slave experiment on the embedded CIFAR-10 in about 15 minutes on 2 CPU cores.
+
+  msnet demo                                   # = msnet run --config=configs/demo.py --workdir=msnet-demo
+  msnet run --config=configs/demo.py:runlocal --workdir=/tmp/w   # the ~1 minute smoke version
+
+A narrow VGG-16 (width 1/4) trained from scratch on 20k training images for a few epochs, branches for
+JPEG 5-20 and JPEG 2000 at 100:1-300:1, the master, every comparison method, and sweeps over 2,000 test
+images. Numbers are far below a converged network (configs/cifar10_paper.py); the shape of the curves
+and the ranking of the methods are what the demo shows.
+"""
+
+from msnet import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg)
+  c = config_lib.base_config()
+  c.data.max_train_examples = 20000
+  c.data.max_eval_examples = 2000
+  c.model.width = 0.25
+  c.model.fc_width = 256
+  c.model.norm = "group"
+  c.model.trunk_layers = 10
+  c.degrade.records_per_shard = 2500
+  c.train.global_batch = 128
+  c.train.log_every_steps = 25
+  c.train.checkpoint_every_steps = 200
+  c.evaluate.global_batch = 500
+  c.stages.baseline.epochs = 6
+  c.stages.baseline.lr = 0.05
+  c.stages.baseline.warmup_steps = 100
+  for name in ("branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability"):
+    c.stages[name].epochs = 0.5
+  c.stages.branch.lr = 0.02
+  c.stages.master.lr = 0.02
+  c.stages.master.epochs = 0.25
+  c.stages.deepcloak.num_examples = 512
+  c.sweeps.jpeg = [f"jpeg:{q}" for q in (2, 5, 10, 20, 30, 50, 75, 90)]
+  c.sweeps.jp2k = [f"jp2k:{r}" for r in (5, 10, 20, 50, 100, 200)]
+  c.sweeps.noise = [f"noise:{s}" for s in (5, 10, 20, 40, 80)]
+  c.sweeps.blur = [f"blur:{s}" for s in (0.5, 1, 1.5, 2, 3)]
+  c.sweeps.noise_jpeg = [f"noise:10+jpeg:{q}" for q in (5, 10, 20, 50, 90)]
+  c.sweeps.noise_jp2k = [f"noise:10+jp2k:{r}" for r in (10, 50, 100, 200)]
+  c.sweeps.blur_jpeg = [f"blur:1@4+jpeg:{q}" for q in (5, 10, 20, 50, 90)]
+  c.sweeps.blur_jp2k = [f"blur:1@4+jp2k:{r}" for r in (10, 50, 100, 200)]
+  if args.get("runlocal"):
+    config_lib.shrink_for_runlocal(c)
+  return c
