@@ -35,6 +35,6 @@ for ((i = 0; i < processes; i++)); do
 done
 status=0
 for p in "${pids[@]}"; do
-  if ! wait "$p"; then status=$?; [[ $status -ne 0 ]] && cleanup; fi
+  wait "$p" || { rc=$?; [[ $status -eq 0 ]] && status=$rc; cleanup; }
 done
 exit "$status"
