@@ -42,7 +42,11 @@ def make_mesh(axes: Sequence[Sequence[Any]]) -> Mesh:
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
     raise ValueError(f"config.mesh: sizes {sizes} use {int(np.prod(sizes))} devices but there are {n}")
-  return jax.make_mesh(tuple(sizes), names, devices=jax.devices())
+  # Auto axes: XLA propagates the shardings (data parallel needs no per-op annotations); jax.make_mesh's
+  # default, Explicit, makes every op with a sharded contracting dim (e.g. a conv's weight gradient over
+  # the batch) demand an out_sharding.
+  return jax.make_mesh(tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                       devices=jax.devices())
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
