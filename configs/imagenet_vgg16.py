@@ -29,6 +29,7 @@ def get_config(arg: str | None = None):
   c.model.dropout = 0.5
   c.model.trunk_layers = 11
   c.model.input_norm = "caffe"
+  c.model.pretrained = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"  # Keras' file; override with your path
   c.model.compute_dtype = "bfloat16"
   c.master.conv_features = [32, 64, 128]
   c.master.fc_features = [512, 256]
@@ -54,4 +55,5 @@ def get_config(arg: str | None = None):
     c.data.resize_shorter = 72
     c.model.fc_width = 64
     c.model.compute_dtype = "float32"
+    c.model.pretrained = ""  # mock data: a few baseline steps from scratch instead of the import
   return c
