@@ -1,0 +1,295 @@
+"""Sources, the shard record format and reader, and the Grain loaders (8 fake devices from conftest)."""
+
+import io
+import math
+import tarfile
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+from msnet import config as config_lib
+from msnet import parallel
+from msnet.data import loader, shards, sources
+
+IMAGE = 8  # synthetic shard images are 8x8
+
+
+def _data_cfg(**overrides):
+  d = config_lib.base_config().data.to_dict()
+  d.update(overrides)
+  return d
+
+
+# ---- record format and shard files ----
+
+def _meta(i, spec="clean", bin_=0):
+  return {"label": i % 10, "spec": spec, "bin": bin_, "bitstream_bin": bin_, "index": i, "psnr": math.inf,
+          "bpp": None, "jpeg_quality": -1, "ratio": None, "codec": None}
+
+
+def _image(i):
+  """Record i is recognisable: channel 0/1 hold i, channel 2 a column ramp (shows flips)."""
+  image = np.zeros((IMAGE, IMAGE, 3), np.uint8)
+  image[..., 0], image[..., 1] = i % 256, i // 256
+  image[..., 2] = np.arange(IMAGE)[None, :]
+  return image
+
+
+def _write_spec(workdir, split, spec, n, per_shard, bin_=0):
+  d = shards.spec_dir(workdir, split, spec)
+  d.mkdir(parents=True, exist_ok=True)
+  k = -(-n // per_shard)
+  for s in range(k):
+    ids = range(s * per_shard, min(n, (s + 1) * per_shard))
+    shards.write_shard(d / shards.shard_name(s, k), (shards.encode_record(_image(i), _meta(i, spec, bin_)) for i in ids))
+  return d
+
+
+def _index(images):
+  images = np.asarray(images)
+  return images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 0, 1].astype(int)
+
+
+def test_record_roundtrip():
+  image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  meta = {"label": 3, "spec": "jpeg:10", "bin": 1, "bitstream_bin": 1, "index": 42, "psnr": 27.5,
+          "bpp": 1.25, "jpeg_quality": 10, "ratio": 19.2, "codec": "jpeg"}
+  r = shards.decode_record(shards.encode_record(image, meta))
+  np.testing.assert_array_equal(r["image"], image)
+  assert {k: r[k] for k in meta} == meta
+  r = shards.decode_record(shards.encode_record(image, _meta(0)))
+  assert r["psnr"] == math.inf and math.isnan(r["bpp"]) and r["jpeg_quality"] == -1
+  with pytest.raises(ValueError, match="uint8 HxWx3"):
+    shards.encode_record(image[..., 0], meta)
+
+
+def test_write_and_open_shards(tmp_path):
+  d = _write_spec(tmp_path, "test", "jpeg:10", 25, 10, bin_=1)
+  assert sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp")) == []
+  files = shards.shard_files(d)
+  assert [f.name for f in files] == [shards.shard_name(k, 3) for k in range(3)]
+  src = shards.open_shards(d)
+  assert len(src) == 25
+  r = src[13]
+  assert set(r) >= {"image", "label", "spec", "bin", "bitstream_bin", "index", "psnr", "bpp", "jpeg_quality"}
+  assert r["image"].dtype == np.uint8 and r["image"].shape == (IMAGE, IMAGE, 3)
+  assert (r["index"], r["label"], r["spec"], r["bin"]) == (13, 3, "jpeg:10", 1)
+  assert [src[i]["index"] for i in range(25)] == list(range(25))  # source-index order
+  assert len(shards.open_shards(files[2])) == 5
+  info = shards.write_shard(tmp_path / "x.array_record", [b"a", b"bc"])
+  assert info["num_records"] == 2 and info["sha256"] == shards.sha256_file(tmp_path / "x.array_record")
+  files[1].unlink()
+  with pytest.raises(FileNotFoundError, match="incomplete shard set"):
+    shards.open_shards(d)
+  with pytest.raises(FileNotFoundError, match="msnet degrade"):
+    shards.open_shards(tmp_path / "nothing")
+
+
+# ---- sources ----
+
+def test_embedded_cifar10():
+  src = sources.open_source(_data_cfg(), "test")
+  assert len(src) == 10000
+  assert src.class_names == sorted(src.class_names) and len(src.class_names) == 10
+  # Round-robin over classes: any prefix is class-balanced; labels are sorted-class indices.
+  assert [src[i]["label"] for i in range(20)] == list(range(10)) * 2
+  for i in (0, 5, 4321, 9999):
+    r = src[i]
+    assert r["image"].dtype == np.uint8 and r["image"].shape == (32, 32, 3)
+    assert f"/{src.class_names[r['label']]}/" in src.names[i]
+
+
+def _png(array):
+  buf = io.BytesIO()
+  PIL.Image.fromarray(array).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def _jpeg(array):
+  buf = io.BytesIO()
+  PIL.Image.fromarray(array).save(buf, "JPEG", quality=90)
+  return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  """split/class/* with RGB, greyscale, RGBA and a corrupt file; also as a .tar.gz."""
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+  grey = rng.integers(0, 256, (12, 12), dtype=np.uint8)
+  rgba = rng.integers(0, 256, (12, 12, 4), dtype=np.uint8)
+  files = {"val/cat/a.png": _png(rgb), "val/cat/b.png": _png(grey), "val/dog/a.png": _png(rgba),
+           "val/dog/b.jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "val/dog/c.jpg": _jpeg(rgb),
+           "train/cat/x.png": _png(rgb)}
+  root = tmp_path / "folder"
+  for name, data in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(data)
+  with tarfile.open(tmp_path / "folder.tar.gz", "w:gz") as tar:
+    tar.add(root / "val", arcname="val")
+  return root, tmp_path / "folder.tar.gz", {"rgb": rgb, "grey": grey, "rgba": rgba}
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar"])
+def test_folder_source(image_folder, kind):
+  root, tar, arrays = image_folder
+  src = sources.open_source(_data_cfg(source="folder", path=str(root if kind == "dir" else tar), image_size=12), "val")
+  assert src.class_names == ["cat", "dog"] and len(src) == 5
+  # Round-robin order: cat/a, dog/a, cat/b, dog/b, dog/c.
+  assert [n.rsplit("/", 2)[-2:] for n in src.names] == [["cat", "a.png"], ["dog", "a.png"], ["cat", "b.png"],
+                                                        ["dog", "b.jpg"], ["dog", "c.jpg"]]
+  np.testing.assert_array_equal(src[0]["image"], arrays["rgb"])
+  np.testing.assert_array_equal(src[1]["image"], arrays["rgba"][..., :3])   # alpha dropped
+  np.testing.assert_array_equal(src[2]["image"], np.repeat(arrays["grey"][..., None], 3, 2))  # grey -> RGB
+  assert [src[i]["label"] for i in (0, 1, 2, 4)] == [0, 1, 0, 1]
+  with pytest.raises(sources.CorruptImageError, match="dog/b.jpg"):
+    src[3]
+
+
+def test_resize_and_crop(tmp_path):
+  rng = np.random.default_rng(1)
+  (tmp_path / "s" / "c").mkdir(parents=True)
+  (tmp_path / "s" / "c" / "wide.png").write_bytes(_png(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)))
+  cfg = dict(source="folder", path=str(tmp_path))
+  assert sources.open_source(_data_cfg(**cfg, image_size=16, resize_shorter=20), "s")[0]["image"].shape == (16, 16, 3)
+  big = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+  (tmp_path / "s" / "c" / "wide.png").write_bytes(_png(big))
+  np.testing.assert_array_equal(sources.open_source(_data_cfg(**cfg, image_size=32), "s")[0]["image"],
+                                big[4:36, 14:46])  # no resize: center crop
+  with pytest.raises(ValueError, match="smaller than config.data.image_size=48"):
+    sources.open_source(_data_cfg(**cfg, image_size=48), "s")[0]
+
+
+def test_tfds_source(tmp_path):
+  import tensorflow_datasets as tfds
+
+  class TinyImages(tfds.core.GeneratorBasedBuilder):
+    """A 2-class dataset written by the test (PNG bytes: no TensorFlow needed to build or read it)."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["ant", "bee"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(5), "test": self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"image": io.BytesIO(_png(np.full((10, 14, 3), 20 * i, np.uint8))), "label": i % 2}
+
+  TinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  src = sources.open_source(_data_cfg(source="tfds", tfds_name="tiny_images", tfds_data_dir=str(tmp_path),
+                                      image_size=10), "test")
+  assert len(src) == 3 and src.class_names == ["ant", "bee"]
+  got = sorted((int(src[i]["image"][0, 0, 0]), src[i]["label"]) for i in range(3))
+  assert got == [(0, 0), (20, 1), (40, 0)]
+  assert src[0]["image"].shape == (10, 10, 3)  # 10x14 center-cropped
+
+
+# ---- loaders ----
+
+@pytest.fixture(scope="module")
+def shard_workdir(tmp_path_factory):
+  w = tmp_path_factory.mktemp("w")
+  _write_spec(w, "test", "clean", 203, 50)
+  _write_spec(w, "train", "clean", 64, 20, bin_=0)
+  _write_spec(w, "train", "jpeg:10", 48, 20, bin_=1)
+  return w
+
+
+def _collect_eval(w, global_batch, mesh):
+  batches = list(loader.eval_batches(w, "test", "clean", global_batch, mesh))
+  for b in batches:
+    assert b["image"].shape == (global_batch, IMAGE, IMAGE, 3) and b["mask"].dtype == bool
+    assert b["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+  mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  ids = np.concatenate([_index(b["image"]) for b in batches])[mask]
+  labels = np.concatenate([np.asarray(b["label"]) for b in batches])[mask]
+  return batches, ids, labels
+
+
+def test_eval_every_record_once_8_devices(shard_workdir):
+  assert jax.device_count() == 8
+  batches, ids, labels = _collect_eval(shard_workdir, 16, parallel.make_mesh([("data", -1)]))
+  assert len(batches) == 13  # ceil(203 / 16), last one padded
+  assert ids.tolist() == list(range(203)) and labels.tolist() == [i % 10 for i in range(203)]
+
+
+def test_eval_every_record_once_1_device(shard_workdir):
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  batches, ids, _ = _collect_eval(shard_workdir, 10, mesh)
+  assert len(batches) == 21 and ids.tolist() == list(range(203))
+
+
+def test_eval_process_parts(shard_workdir):
+  """3 simulated processes: disjoint contiguous parts, the same number of batches each."""
+  source = shards.open_shards(shards.spec_dir(shard_workdir, "test", "clean"))
+  n, count, local = len(source), 3, 8
+  per = -(-n // count)
+  parts = [list(loader.local_eval_batches(source, min(p * per, n), min((p + 1) * per, n), local, -(-per // local)))
+           for p in range(count)]
+  assert len({len(p) for p in parts}) == 1
+  ids = [i for p in parts for b in p for i in _index(b["image"])[b["mask"]]]
+  assert ids == list(range(n))
+
+
+def test_eval_batch_must_divide(shard_workdir):
+  with pytest.raises(ValueError, match="divisible by the 'data' mesh axis size \\(8\\)"):
+    next(loader.eval_batches(shard_workdir, "test", "clean", 12, parallel.make_mesh([("data", -1)])))
+
+
+def test_train_loader_epoch_flip_and_restore(shard_workdir):
+  mesh = parallel.make_mesh([("data", -1)])
+  make = lambda: loader.TrainLoader(shard_workdir, "train", ["clean"], None, 16, 7, mesh, True, 0)
+  tl = make()
+  assert tl.num_records == 64
+  first = [next(tl) for _ in range(4)]
+  ids = np.concatenate([_index(b["image"]) for b in first])
+  assert sorted(ids.tolist()) == list(range(64))  # one epoch: a permutation
+  ramps = np.concatenate([np.asarray(b["image"])[:, 0, :, 2] for b in first])
+  flipped = (ramps[:, 0] == IMAGE - 1).sum()
+  assert 10 < flipped < 54 and all((r == np.arange(IMAGE)).all() or (r == np.arange(IMAGE)[::-1]).all() for r in ramps)
+  assert first[0]["label"].dtype == np.int32 and first[0]["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+  state = tl.get_state()
+  expected = [next(tl) for _ in range(3)]  # crosses into the second epoch
+  restored = make()
+  restored.set_state(state)
+  for e in expected:
+    got = next(restored)
+    np.testing.assert_array_equal(got["image"], e["image"])
+    np.testing.assert_array_equal(got["label"], e["label"])
+
+
+def test_train_mixture_and_bin_labels(shard_workdir):
+  mesh = parallel.make_mesh([("data", -1)])
+  tl = loader.TrainLoader(shard_workdir, "train", ["clean", "jpeg:10"], [3.0, 1.0], 16, 0, mesh, False, 0,
+                          label_key="bin")
+  bins = np.concatenate([np.asarray(next(tl)["label"]) for _ in range(4)])
+  assert (bins == 1).sum() == 16  # exactly 1/4 from jpeg:10 (bin 1)
+
+
+def test_train_process_parts_form_the_global_batch(shard_workdir):
+  """Simulated 2 processes read disjoint halves of exactly the records 1 process reads per step."""
+  src = [shards.open_shards(shards.spec_dir(shard_workdir, "train", s)) for s in ("clean", "jpeg:10")]
+  one = loader.train_dataset(src, None, 3, True, 16, 0, 1)
+  two = [loader.train_dataset(src, None, 3, True, 8, p, 2) for p in range(2)]
+  for step in range(9):
+    parts = [two[p][step] for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), one[step]["image"])
+
+
+def test_train_loader_mp_prefetch_matches_threads(shard_workdir):
+  mesh = parallel.make_mesh([("data", -1)])
+  a = loader.TrainLoader(shard_workdir, "train", ["clean"], None, 16, 1, mesh, True, 0)
+  b = loader.TrainLoader(shard_workdir, "train", ["clean"], None, 16, 1, mesh, True, 1)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(a)["image"], next(b)["image"])
+  state = b.get_state()
+  after = next(b)
+  c = loader.TrainLoader(shard_workdir, "train", ["clean"], None, 16, 1, mesh, True, 1)
+  c.set_state(state)
+  np.testing.assert_array_equal(next(c)["image"], after["image"])
