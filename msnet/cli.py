@@ -14,7 +14,6 @@ Without --config, a subcommand reads the resolved config a previous command wrot
 from __future__ import annotations
 
 import importlib.util
-import json
 import pathlib
 import sys
 
@@ -59,7 +58,7 @@ def _resolve_config(command: str, workdir: pathlib.Path) -> ml_collections.Confi
   saved = workdir / "config.json"
   if not saved.exists():
     raise app.UsageError(f"msnet {command}: give --config=configs/x.py (no {saved} from an earlier command)")
-  cfg = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  cfg = config_lib.from_json(saved.read_text())
   cfg.lock()
   return cfg
 

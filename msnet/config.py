@@ -7,7 +7,6 @@ fails with a message that names the field.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from typing import Any
@@ -303,10 +302,26 @@ def _spec_ok(degradations: Any, spec: str, field: str) -> None:
     raise ConfigError(f"config.{field}: {e}") from None
 
 
+def _plain(value: Any) -> Any:
+  """ConfigDicts (also inside lists, e.g. config.bins) -> plain dicts and lists for JSON."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
 def to_json(c: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (written to W/config.json)."""
-  def default(o: Any) -> Any:
-    if dataclasses.is_dataclass(o):
-      return dataclasses.asdict(o)
-    return str(o)
-  return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=default)
+  return json.dumps(_plain(c), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of `to_json`: dicts, also inside lists, become ConfigDicts again."""
+  def build(value: Any) -> Any:
+    if isinstance(value, dict):
+      return ml_collections.ConfigDict({k: build(v) for k, v in value.items()})
+    if isinstance(value, list):
+      return [build(v) for v in value]
+    return value
+  return build(json.loads(text))

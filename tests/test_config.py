@@ -86,3 +86,13 @@ def test_cli_rejects_unknown_subcommand(tmp_path):
   result = _msnet("fly", "--workdir=x", cwd=tmp_path)
   assert result.returncode != 0
   assert "usage: msnet" in result.stderr
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_json_round_trip(path):
+  c = _load(path, None)
+  back = config_lib.from_json(config_lib.to_json(c))
+  config_lib.validate(back)
+  assert back.bins[1].name == c.bins[1].name
+  assert list(back.bins[1].train_specs) == list(c.bins[1].train_specs)
+  assert config_lib.to_json(back) == config_lib.to_json(c)
