@@ -1,0 +1,240 @@
+"""`msnet evaluate` on tiny random-init models and tiny hand-written eval shards, on 8 fake CPU devices.
+
+Proves: every record is counted exactly once (n = records, padding masked), every method's top-1/top-5
+equal a NumPy recomputation from the same logits, each spec is evaluated once even when two sweeps
+share it, untrained methods are skipped and listed, one compile per model group for the whole sweep,
+and a rerun skips the specs already in cells.jsonl.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msnet import config as config_lib
+from msnet import evaluate, models
+from msnet import train as train_lib
+from msnet.data import shards
+
+RECORDS = 37            # not a multiple of the global batch: the last batch is padded
+GLOBAL_BATCH = 16       # 2 per fake device
+SPECS = ("clean", "jpeg:10", "jpeg:50", "blur:1@4", "jp2k:100")
+DONE_STAGES = ("baseline", "branch_jpeg", "branch_jp2k", "master", "da_fc8", "stability", "deepcloak")
+
+
+def _config() -> Any:
+  c = config_lib.base_config()
+  c.data.image_size = 32
+  c.model.width = 0.0625
+  c.model.fc_width = 16
+  c.master.conv_features = [4, 4, 4]
+  c.master.fc_features = [8, 8]
+  c.sweeps = {"clean": ["clean"], "jpeg": ["jpeg:10", "jpeg:50"], "blur": ["blur:1"],
+              "mixed": ["jpeg:10", "jp2k:100"]}  # jpeg:10 in two sweeps: evaluated once
+  c.evaluate.sweeps = ["clean", "jpeg", "blur", "mixed"]
+  c.evaluate.global_batch = GLOBAL_BATCH
+  return c
+
+
+def _write_shards(workdir: pathlib.Path, rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
+  """Random records per spec (two shard files for jpeg:10); returns what was written, for the reference."""
+  data = {}
+  for spec in SPECS:
+    images = rng.integers(0, 256, (RECORDS, 32, 32, 3), dtype=np.uint8)
+    d = dict(image=images, label=rng.integers(0, 10, RECORDS), bin=rng.integers(0, 3, RECORDS),
+             bitstream_bin=rng.integers(0, 3, RECORDS), psnr=rng.uniform(20, 40, RECORDS))
+    if spec == "clean":
+      d["psnr"][:] = math.inf
+    data[spec] = d
+    records = [shards.encode_record(images[i], dict(
+        label=int(d["label"][i]), spec=spec, bin=int(d["bin"][i]), bitstream_bin=int(d["bitstream_bin"][i]),
+        index=i, psnr=float(d["psnr"][i]), bpp=None if spec == "clean" else 1.0, jpeg_quality=-1, ratio=None,
+        codec=None)) for i in range(RECORDS)]
+    out = shards.spec_dir(workdir, "test", spec)
+    out.mkdir(parents=True)
+    cuts = [0, 20, RECORDS] if spec == "jpeg:10" else [0, RECORDS]
+    for k in range(len(cuts) - 1):
+      shards.write_shard(out / shards.shard_name(k, len(cuts) - 1), records[cuts[k]:cuts[k + 1]])
+  return data
+
+
+def _random_params(module: Any, rng: np.random.Generator) -> Any:
+  """He-scaled random params from the module's shapes (eval_shape: no slow init compile on 2 CPUs)."""
+  x = jnp.zeros((1, 32, 32, 3), jnp.uint8)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+
+  def one(path: tuple[Any, ...], leaf: Any) -> np.ndarray:
+    shape = leaf.shape[1:] if path[0].key == "branches" else leaf.shape  # vmapped: leading axis K
+    std = math.sqrt(2.0 / math.prod(shape[:-1])) if path[-1].key == "kernel" else 0.1
+    return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _counts(probs: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+  top1 = int(np.sum(np.argmax(probs, -1) == labels))
+  p_label = np.take_along_axis(probs, labels[:, None], -1)
+  top5 = int(np.sum(np.sum(probs > p_label, -1) < 5))
+  return top1, top5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+  workdir = tmp_path_factory.mktemp("w")
+  cfg = _config()
+  data = _write_shards(workdir, np.random.default_rng(0))
+  for stage in DONE_STAGES:
+    (workdir / "train" / stage).mkdir(parents=True)
+    (workdir / "train" / stage / "DONE.json").write_text(json.dumps({"wall_time_s": 1.0}))
+  slave = models.build_slave(cfg.model, 10, 3)
+  single = models.build_slave(cfg.model, 10, 1)
+  master = models.build_master(cfg.master, 3)
+  rng = np.random.default_rng(1)
+  base = _random_params(single, rng)
+  # As trained: the branches and DA fc8 keep the baseline's trunk; stability retrains everything.
+  params = dict(baseline=base, slave=dict(_random_params(slave, rng), trunk=base["trunk"]),
+                da_fc8=dict(_random_params(single, rng), trunk=base["trunk"]),
+                stability=_random_params(single, rng), master=_random_params(master, rng))
+  mask = np.ones(params["baseline"]["trunk"]["conv4_3"]["bias"].shape, np.float32)
+  mask[::3] = 0.0
+  # Unsharded reference forward passes, on one device.
+  apply = dict(slave=jax.jit(lambda p, x: slave.apply({"params": p}, x)),
+               single=jax.jit(lambda p, x, m=None: single.apply({"params": p}, x, feature_mask=m)),
+               master=jax.jit(lambda p, x: master.apply({"params": p}, x)))
+  apply = {k: (lambda f: lambda *a: np.asarray(f(*a)))(f) for k, f in apply.items()}
+  return dict(workdir=workdir, cfg=cfg, data=data, params=params, mask=mask, apply=apply)
+
+
+@pytest.fixture
+def trained(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+  """Random-init params stand in for the checkpoints of the completed stages."""
+  p = setup["params"]
+  monkeypatch.setattr(train_lib, "load_params", lambda workdir, stage: p[stage])
+  monkeypatch.setattr(train_lib, "load_slave_params", lambda workdir, config: p["slave"])
+  monkeypatch.setattr(train_lib, "load_feature_mask", lambda workdir: setup["mask"])
+  return setup
+
+
+def _reference(setup: dict[str, Any], spec: str) -> dict[str, tuple[int, int]]:
+  """Every method's (top1, top5) counts recomputed in NumPy from the models' logits on the raw records."""
+  d, p, apply = setup["data"][spec], setup["params"], setup["apply"]
+  x, labels = jnp.asarray(d["image"]), d["label"]
+  branch = _softmax(apply["slave"](p["slave"], x))           # [K, B, C]
+  pbin = _softmax(apply["master"](p["master"], x))           # [B, K]
+  rows = np.arange(RECORDS)
+  probs = {
+      "baseline": _softmax(apply["single"](p["baseline"], x))[0],
+      "da_fc8": _softmax(apply["single"](p["da_fc8"], x))[0],
+      "stability": _softmax(apply["single"](p["stability"], x))[0],
+      "deepcloak": _softmax(apply["single"](p["baseline"], x, setup["mask"]))[0],
+      "branch_clean": branch[0], "branch_jpeg": branch[1], "branch_jp2k": branch[2],
+      "ms": branch[np.argmax(pbin, -1), rows],
+      "ams": branch.max(0),
+      "map": np.einsum("bk,kbc->bc", pbin, branch),
+      "oracle": branch[d["bin"], rows],
+      "bitstream": branch[d["bitstream_bin"], rows],
+  }
+  assert not np.allclose(probs["deepcloak"], probs["baseline"])  # the mask matters, so the test can see it
+  return {m: _counts(v, labels) for m, v in probs.items()}
+
+
+def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+  workdir, cfg = trained["workdir"], trained["cfg"]
+  rows = evaluate.run_evaluate(cfg, workdir)
+  results = json.loads((workdir / "eval" / "results.json").read_text())
+  meta = results["meta"]
+
+  # Untrained stages are skipped, listed in the meta and printed.
+  assert set(meta["missing"]) == {"da_fc67", "da_fc678"}
+  assert "da_fc67" in capsys.readouterr().err
+  methods = {"baseline", "da_fc8", "stability", "deepcloak", "branch_clean", "branch_jpeg", "branch_jp2k",
+             "ms", "ams", "map", "oracle", "bitstream"}
+  assert set(meta["methods"]) == methods
+  # Each spec once (jpeg:10 belongs to two sweeps), one row per (method, spec).
+  assert meta["specs"] == ["clean", "jpeg:10", "jpeg:50", "blur:1@4", "jp2k:100"]
+  assert len(rows) == len(results["rows"]) == len(methods) * len(SPECS)
+  # Methods sharing the baseline's trunk run in one pass; stability (its own trunk) alone. One program
+  # per group for the whole sweep.
+  assert set(meta["groups"]["shared"]) == methods - {"stability"} and meta["groups"]["single"] == ["stability"]
+  assert meta["traces"] == {"shared": 1, "single": 1}
+
+  for spec in SPECS:
+    ref = _reference(trained, spec)
+    mine = {r["method"]: r for r in results["rows"] if r["spec"] == spec}
+    assert set(mine) == methods
+    for m, (top1, top5) in ref.items():
+      r = mine[m]
+      assert r["n"] == RECORDS, (spec, m)
+      assert (r["correct1"], r["correct5"]) == (top1, top5), (spec, m)
+      assert r["top1"] == pytest.approx(top1 / RECORDS) and r["top5"] == pytest.approx(top5 / RECORDS)
+      assert r["ci95_low"] <= r["top1"] <= r["ci95_high"]
+    psnr = trained["data"][spec]["psnr"]
+    assert mine["baseline"]["psnr"] == (None if spec == "clean" else pytest.approx(psnr.mean()))
+  jpeg10 = next(r for r in results["rows"] if r["spec"] == "jpeg:10")
+  assert jpeg10["sweeps"] == ["jpeg", "mixed"] and jpeg10["kind"] == "jpeg" and jpeg10["level"] == 10
+  blur = next(r for r in results["rows"] if r["spec"] == "blur:1@4")
+  assert (blur["kind"], blur["level"], blur["codec"], blur["pre"]) == ("blur", 1.0, "", "")
+
+  # The master's and the bitstream's bin confusion, against the records.
+  master = json.loads((workdir / "eval" / "master.json").read_text())
+  assert master["bins"] == ["clean", "jpeg", "jp2k"]
+  for spec in SPECS:
+    d = trained["data"][spec]
+    pred = np.argmax(trained["apply"]["master"](trained["params"]["master"], jnp.asarray(d["image"])), -1)
+    conf = np.zeros((3, 3), int)
+    np.add.at(conf, (d["bin"], pred), 1)
+    cell = master["specs"][spec]
+    assert cell["n"] == RECORDS and np.array_equal(cell["master_confusion"], conf)
+    assert cell["master_accuracy"] == pytest.approx(np.trace(conf) / RECORDS)
+    bconf = np.zeros((3, 3), int)
+    np.add.at(bconf, (d["bin"], d["bitstream_bin"]), 1)
+    assert np.array_equal(cell["bitstream_confusion"], bconf)
+  assert master["specs"]["jpeg:10"]["true_bin"] == 1 and master["specs"]["clean"]["true_bin"] == 0
+
+  with (workdir / "eval" / "results.csv").open() as f:
+    csv_rows = list(csv.DictReader(f))
+  assert len(csv_rows) == len(rows) and csv_rows[0].keys() == set(evaluate.ROW_FIELDS)
+  rf = json.loads((workdir / "eval" / "receptive_fields.json").read_text())
+  assert {(n["arch"], n["variant"]) for n in rf} >= {("vgg16", "imagenet"), ("alexnet", "imagenet")}
+
+
+def test_resume_skips_finished_specs(trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+  workdir, cfg = trained["workdir"], trained["cfg"]
+  if not (workdir / "eval" / "cells.jsonl").exists():
+    evaluate.run_evaluate(cfg, workdir)
+  before = json.loads((workdir / "eval" / "results.json").read_text())["rows"]
+  calls = []
+  real = evaluate.evaluate_spec
+  monkeypatch.setattr(evaluate, "evaluate_spec", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+
+  assert evaluate.run_evaluate(cfg, workdir) == before
+  assert calls == []
+
+  # Interrupted while the last spec ran: its line is missing (and a torn line was left behind).
+  cells = workdir / "eval" / "cells.jsonl"
+  lines = cells.read_text().splitlines()
+  assert len(lines) == len(SPECS)
+  cells.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+  assert evaluate.run_evaluate(cfg, workdir) == before
+  assert calls == ["jp2k:100"]
+
+  # A different set of methods is a different cell: everything is evaluated again (here DeepCloak needs
+  # the trunk without any stacked head, and stability runs alone).
+  cfg = _config()
+  cfg.evaluate.methods = ["deepcloak", "stability"]
+  rows = evaluate.run_evaluate(cfg, workdir)
+  assert len(calls) == 1 + len(SPECS) and {r["method"] for r in rows} == {"deepcloak", "stability"}
+  key = lambda r: (r["spec"], r["method"], r["correct1"], r["correct5"])  # noqa: E731
+  assert sorted(map(key, rows)) == sorted(key(r) for r in before if r["method"] in ("deepcloak", "stability"))

@@ -1,0 +1,168 @@
+"""The report from synthetic result files: every file written, Table 1's % change by hand, valid PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+from PIL import Image
+import pytest
+
+from msnet import config as config_lib
+from msnet import report
+from msnet.report import tables
+
+SWEEPS = {
+    "clean": ["clean"],
+    "jpeg": ["jpeg:5", "jpeg:10", "jpeg:50"],
+    "jp2k": ["jp2k:20", "jp2k:100", "jp2k:200"],
+    "noise": ["noise:10", "noise:20", "noise:40"],
+    "blur": ["blur:1", "blur:2"],
+    "noise_jpeg": ["noise:10+jpeg:5", "noise:10+jpeg:10", "noise:10+jpeg:50"],
+    "blur_jpeg": ["blur:1+jpeg:5", "blur:1+jpeg:10", "blur:1+jpeg:50"],
+}
+# Hand-picked baseline top-1 per spec; other methods are offsets from it.
+BASE = {"clean": 0.80, "jpeg:5": 0.30, "jpeg:10": 0.40, "jpeg:50": 0.75, "jp2k:20": 0.70, "jp2k:100": 0.45,
+        "jp2k:200": 0.30, "noise:10": 0.70, "noise:20": 0.60, "noise:40": 0.40, "blur:1": 0.65, "blur:2": 0.40,
+        "noise:10+jpeg:5": 0.28, "noise:10+jpeg:10": 0.38, "noise:10+jpeg:50": 0.66,
+        "blur:1+jpeg:5": 0.15, "blur:1+jpeg:10": 0.25, "blur:1+jpeg:50": 0.60}
+OFFSET = {"baseline": 0.0, "ms": 0.10, "ams": 0.08, "map": 0.11, "oracle": 0.12, "bitstream": 0.12,
+          "branch_clean": 0.0, "branch_jpeg": 0.05, "da_fc8": 0.02, "da_fc678": 0.04, "stability": 0.03}
+PSNR = {"jpeg": {5: 24.0, 10: 27.0, 50: 33.0}, "jp2k": {20: 31.0, 100: 26.0, 200: 23.0},
+        "noise": {10: 28.0, 20: 22.0, 40: 16.0}, "blur": {1: 29.0, 2: 25.0}}
+
+
+def _fields(spec: str) -> dict:
+  """The spec-derived fields evaluate writes (test-local, for plain specs of this file)."""
+  parts = spec.split("+")
+  kind, _, level = parts[-1].partition(":")
+  codecs = [p for p in parts if p.split(":")[0] in ("jpeg", "jp2k")]
+  codec, _, codec_level = codecs[-1].partition(":") if codecs else ("", "", None)
+  lvl = float(level) if level else None
+  return dict(kind=kind, level=lvl, codec=codec, codec_level=float(codec_level) if codec_level else None,
+              pre="+".join(parts[:-1]), psnr=PSNR.get(kind, {}).get(lvl) if not parts[:-1] else 20.0,
+              bpp=0.5 if codec else None)
+
+
+def _rows() -> list[dict]:
+  rows = []
+  for method, off in OFFSET.items():
+    for spec, acc in BASE.items():
+      # Clean accuracy changes little for the robust methods (MS loses 1 point on clean).
+      top1 = acc - 0.01 if (spec == "clean" and method == "ms") else min(acc + (0 if spec == "clean" else off), 1.0)
+      n = 200
+      rows.append(dict(method=method, spec=spec, sweeps=[s for s, v in SWEEPS.items() if spec in v],
+                       top1=top1, top5=min(top1 + 0.1, 1.0), n=n, correct1=round(top1 * n),
+                       correct5=round(min(top1 + 0.1, 1.0) * n), ci95_low=top1 - 0.05, ci95_high=top1 + 0.05,
+                       **_fields(spec)))
+  return rows
+
+
+def _write_workdir(w: pathlib.Path) -> None:
+  (w / "eval").mkdir(parents=True)
+  meta = dict(methods=list(OFFSET), missing={"deepcloak": "stage deepcloak not trained"}, sweeps=SWEEPS,
+              specs=list(BASE), devices=8, wall_s=12.0, flops=dict(slave=4.0e7, master=1.0e6))
+  (w / "eval" / "results.json").write_text(json.dumps(dict(rows=_rows(), meta=meta)))
+  bins = ["clean", "jpeg", "jp2k"]
+  specs = {}
+  for spec in BASE:
+    true = 1 if spec in ("jpeg:5", "jpeg:10") else 2 if spec in ("jp2k:100", "jp2k:200") else 0
+    conf = [[0] * 3 for _ in range(3)]
+    conf[true][true], conf[true][(true + 1) % 3] = 180, 20
+    specs[spec] = dict(n=200, true_bin=true, master_accuracy=0.9, master_confusion=conf,
+                       bitstream_accuracy=1.0, bitstream_confusion=[[200 if i == j == true else 0 for j in range(3)]
+                                                                    for i in range(3)])
+  (w / "eval" / "master.json").write_text(json.dumps(dict(bins=bins, specs=specs)))
+  rf = [dict(arch="vgg16", variant="imagenet", layers=[dict(layer="conv1_1", rf=3, stride=1),
+                                                      dict(layer="conv1_2", rf=5, stride=1),
+                                                      dict(layer="pool1", rf=6, stride=2),
+                                                      dict(layer="conv2_1", rf=10, stride=2)]),
+        dict(arch="alexnet", variant="imagenet", layers=[dict(layer="conv1", rf=11, stride=4),
+                                                        dict(layer="pool1", rf=19, stride=8)])]
+  (w / "eval" / "receptive_fields.json").write_text(json.dumps(rf))
+  for stage, wall in (("baseline", 100.0), ("branch_jpeg", 20.5), ("master", 7.25)):
+    (w / "train" / stage).mkdir(parents=True)
+    done = dict(stage=stage, wall_time_s=wall, steps=10, val_accuracy=0.5, loss=1.0)
+    (w / "train" / stage / "DONE.json").write_text(json.dumps(done))
+
+
+def _is_png(path: pathlib.Path) -> bool:
+  with Image.open(path) as im:
+    im.verify()
+    return im.format == "PNG"
+
+
+def test_report_writes_all_files(tmp_path: pathlib.Path) -> None:
+  _write_workdir(tmp_path)
+  cfg = config_lib.base_config()
+  path = report.run_report(cfg, tmp_path)
+  out = tmp_path / "report"
+  assert path == out / "report.md"
+  for name in ("fig1a", "fig1c", "fig3", "fig4", "master_confusion", "bitstream_confusion"):
+    assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _is_png(out / f"{name}.png")
+  assert not (out / "fig1b.png").exists()  # no AlexNet rows: said in words instead
+  text = path.read_text()
+  assert "fig1b is not in this report" in text and "alexnet_baseline" in text
+  assert "paper's numbers, not this run's" in text
+  assert "`deepcloak`: stage deepcloak not trained" in text
+  for fig in ("fig1a.png", "fig1c.png", "fig3.png", "fig4.png"):
+    assert f"]({fig})" in text
+  # Facts computed from the files: the wall-time total and the master's FLOP share.
+  assert f"{(100.0 + 20.5 + 7.25) / 60:.1f} min" in text
+  assert "2.50% of the slave's FLOPs" in text
+  assert "90.0%" in text  # the master's summed bin accuracy
+  with (out / "ce.csv").open() as f:
+    ce = {(r["method"], r["sweep"]): r for r in csv.DictReader(f)}
+  assert float(ce[("baseline", "jpeg")]["ce"]) == pytest.approx(1.0)
+  # MS: every jpeg spec +10 points -> CE = sum(err - 0.1) / sum(err).
+  errs = [1 - BASE[s] for s in SWEEPS["jpeg"]]
+  assert float(ce[("ms", "jpeg")]["ce"]) == pytest.approx(sum(e - 0.1 for e in errs) / sum(errs))
+  # Relative CE subtracts each network's own clean error (MS clean is 1 point lower).
+  rce = sum(e - 0.1 - (1 - 0.79) for e in errs) / sum(e - 0.2 for e in errs)
+  assert float(ce[("ms", "jpeg")]["rce"]) == pytest.approx(rce)
+
+
+def test_table1_pct_change_by_hand(tmp_path: pathlib.Path) -> None:
+  _write_workdir(tmp_path)
+  report.run_report(config_lib.base_config(), tmp_path)
+  with (tmp_path / "report" / "table1.csv").open() as f:
+    reader = csv.DictReader(f)
+    assert reader.fieldnames == ["method", "c", "d", "c_prime", "d_prime", "pct_change"]
+    t1 = {r["method"]: {k: float(v) for k, v in r.items() if k != "method"} for r in reader}
+  assert set(t1) == set(OFFSET)
+  # c = 80, d = 40 for every row; MS: c' = 79, d' = 50 -> (50 - 40) / (80 - 40) = 25 %.
+  assert t1["ms"] == pytest.approx(dict(c=80.0, d=40.0, c_prime=79.0, d_prime=50.0, pct_change=25.0))
+  assert t1["ams"]["pct_change"] == pytest.approx(100 * (48 - 40) / (80 - 40))
+  assert t1["baseline"]["pct_change"] == pytest.approx(0.0)
+  assert tables.pct_change(70.2, 61.2, 66.7) == pytest.approx(61.1, abs=0.05)  # the paper's MS row (60.5 printed)
+
+
+def test_claims_and_combined_fit() -> None:
+  rows = _rows()
+  fits = {f["pre"]: f for f in tables.combined_fit(rows)}
+  # noise:10 + jpeg:q: min(0.70, jpeg) vs combined 0.28/0.38/0.66 -> |.02|,|.02|,|.04| mean 2.67 points.
+  assert fits["noise:10"]["mae_worse"] == pytest.approx(100 * (0.02 + 0.02 + 0.04) / 3)
+  # blur:1 + jpeg:q: additive jpeg - (0.80 - 0.65) = .15/.25/.60, exactly the combined values.
+  assert fits["blur:1"]["mae_additive"] == pytest.approx(0.0, abs=1e-9)
+  eq = tables.accuracy_at_equal_psnr(rows, "baseline", "noise", "jpeg")
+  assert eq["lo"] == 24.0 and eq["hi"] == 28.0
+
+
+def test_report_imports_no_jax() -> None:
+  code = "import sys, msnet.report; assert 'jax' not in sys.modules and 'flax' not in sys.modules"
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fig1b_drawn_with_alexnet_rows(tmp_path: pathlib.Path) -> None:
+  _write_workdir(tmp_path)
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  results["rows"] += [dict(r, method="alexnet_baseline", top1=r["top1"] * 0.9)
+                      for r in results["rows"] if r["method"] == "baseline"]
+  (tmp_path / "eval" / "results.json").write_text(json.dumps(results))
+  report.run_report(config_lib.base_config(), tmp_path)
+  assert _is_png(tmp_path / "report" / "fig1b.png")
+  assert "](fig1b.png)" in (tmp_path / "report" / "report.md").read_text()
