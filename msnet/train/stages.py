@@ -1,0 +1,214 @@
+"""The paper's training stages and its comparison methods, as config-driven jobs for the one loop.
+
+  baseline          slave with K=1 on bin 0's specs (clean), every param trains (from scratch, or from
+                    config.model.pretrained).
+  branch_<bin>      for bins[1:]: from the baseline, trunk frozen, trains "branches/*" on that bin's specs.
+  master            the quality-bin classifier on every bin's specs, labels = bins, bins equally weighted.
+  da_fc8/67/678     from the baseline, only fc8 / fc6+fc7 / fc6+fc7+fc8 train, on clean + every bin's specs.
+  stability         from the baseline, everything trains, clean data, CE + alpha * KL(clean || noisy).
+  deepcloak         no gradient step: ranks trunk-output channels by their mean |f(clean) - f(degraded)|
+                    over record pairs and masks the top mask_ratio of them (feature_mask.npy).
+
+A stage's own `train_specs` (config.stages.<stage>.train_specs) replaces its default data.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from msnet import config as config_lib
+from msnet.train import loop, step as step_lib
+
+DA_TRAINABLE = {
+    "da_fc8": ("branches/fc8/.*",),
+    "da_fc67": ("branches/fc6/.*", "branches/fc7/.*"),
+    "da_fc678": ("branches/fc6/.*", "branches/fc7/.*", "branches/fc8/.*"),
+}
+FEATURE_MASK = "feature_mask.npy"
+
+
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+  """Pipeline order: baseline, the branches, the master, then config.comparisons."""
+  return ["baseline", *(f"branch_{b.name}" for b in config.bins[1:]), "master", *config.comparisons]
+
+
+def known_stages(config: ml_collections.ConfigDict) -> list[str]:
+  """Every stage `run_stage` accepts for this config (comparisons not listed in config.comparisons too)."""
+  names = stage_names(config)
+  return names + [s for s in config_lib.COMPARISON_STAGES if s not in names]
+
+
+def _unique(specs: Any) -> list[str]:
+  return list(dict.fromkeys(specs))
+
+
+def load_params(workdir: Any, stage: str) -> Any:
+  """Final params of a completed stage, as host NumPy arrays (put them into shardings yourself)."""
+  if loop.read_done(workdir, stage) is None:
+    raise FileNotFoundError(f"stage {stage!r} is not complete in {workdir} (no {loop.stage_dir(workdir, stage) / loop.DONE}); "
+                            f"run `msnet train --stage={stage}` first")
+  return restore_params(loop.stage_dir(workdir, stage) / loop.CKPT)
+
+
+def restore_params(ckpt_dir: Any, step: int | None = None) -> Any:
+  """The params of one checkpoint (default: the latest) of a stage's ckpt/, without its optimizer state."""
+  ckpt_dir = epath.Path(ckpt_dir)
+  if step is None:  # finished orbax steps are plain integer dirs; unfinished ones carry a tmp suffix
+    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.exists() else []
+    if not steps:
+      raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
+    step = max(steps)
+  path = ckpt_dir / str(step) / "state"
+  handler = ocp.PyTreeCheckpointHandler()
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), handler.metadata(path)["params"])
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+  return restored["params"]
+
+
+def load_slave_params(workdir: Any, config: ml_collections.ConfigDict) -> Any:
+  """The K=len(bins) slave: the baseline's trunk, its branch as branch 0, branch_<bin> stages as 1..K-1."""
+  base = load_params(workdir, "baseline")
+  branches = [base["branches"]] + [load_params(workdir, f"branch_{b.name}")["branches"] for b in config.bins[1:]]
+  return {**base, "branches": jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *branches)}
+
+
+def load_feature_mask(workdir: Any) -> np.ndarray:
+  """DeepCloak's mask over trunk-output channels: 1 keeps a channel, 0 removes it."""
+  return np.load(loop.stage_dir(workdir, "deepcloak") / FEATURE_MASK)
+
+
+def _slave(config: ml_collections.ConfigDict) -> Any:
+  from msnet import models  # noqa: PLC0415
+  return models.build_slave(config.model, int(config.data.num_classes), 1)
+
+
+def _dummy(config: ml_collections.ConfigDict) -> jax.Array:
+  return jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
+
+
+def _from_baseline(workdir: Any, stage: str) -> Any:
+  if loop.read_done(workdir, "baseline") is None:
+    raise RuntimeError(f"stage {stage!r} starts from the baseline: run stage 'baseline' first")
+  return lambda: load_params(workdir, "baseline")
+
+
+def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loop.Job:
+  """The Job of a gradient stage (all but deepcloak)."""
+  bins = config.bins
+  clean = list(bins[0].train_specs)
+  every_bin = _unique(s for b in bins for s in b.train_specs)
+  key = loop.stage_rng(config.seed, stage + "/init")  # the train step draws from stage_rng(seed, stage)
+  if stage == "master":
+    from msnet import models  # noqa: PLC0415
+    model = models.build_master(config.master, len(bins))
+    specs, weights = list(config.stages.master.train_specs), None
+    if not specs:
+      # Bins equally likely in a batch, however many specs each bin has.
+      specs = [s for b in bins for s in b.train_specs]
+      weights = [1.0 / (len(bins) * len(b.train_specs)) for b in bins for _ in b.train_specs]
+      if len(set(specs)) != len(specs):  # a spec listed in two bins: leave the mixture to the loader
+        specs, weights = every_bin, None
+    return loop.Job(
+        name=stage, stage=config.stages.master, apply_fn=step_lib.master_apply(model), train_specs=specs,
+        weights=weights, label_key="bin", eval_specs=every_bin,
+        init_fn=lambda: model.init({"params": key}, _dummy(config))["params"])
+
+  model = _slave(config)
+  apply_fn = step_lib.slave_apply(model)
+  if stage == "baseline":
+    if config.model.pretrained:
+      from msnet import models  # noqa: PLC0415
+      init = dict(init_params=lambda: models.load_pretrained_vgg16(config.model.pretrained, config.model))
+    else:
+      init = dict(init_fn=lambda: model.init({"params": key, "dropout": key}, _dummy(config), train=False)["params"])
+    s = config.stages.baseline
+    return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
+                    eval_specs=clean, **init)
+  if stage.startswith("branch_"):
+    names = [b.name for b in bins[1:]]
+    if stage[len("branch_"):] not in names:
+      raise ValueError(f"stage {stage!r}: branch stages of this config are {[f'branch_{n}' for n in names]}")
+    b = bins[1 + names.index(stage[len("branch_"):])]
+    s = config.stages.branch
+    return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or list(b.train_specs),
+                    init_params=_from_baseline(workdir, stage), trainable=("branches/.*",), eval_specs=clean)
+  if stage in DA_TRAINABLE:
+    s = config.stages[stage]
+    return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or every_bin,
+                    init_params=_from_baseline(workdir, stage), trainable=DA_TRAINABLE[stage], eval_specs=clean)
+  if stage == "stability":
+    s = config.stages.stability
+    return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
+                    init_params=_from_baseline(workdir, stage), loss="stability", eval_specs=clean)
+  raise ValueError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
+
+
+def run_deepcloak(config: ml_collections.ConfigDict, workdir: Any, batch_size: int = 64) -> dict[str, Any]:
+  """Mask the trunk-output channels most sensitive to the degradation (DeepCloak, Gao et al. 2017).
+
+  Sensitivity of channel c: mean over record pairs (clean record i, degraded record i of each spec of
+  stages.deepcloak.train_specs) of the spatial mean of |f_c(clean) - f_c(degraded)|, f = the baseline
+  trunk's output. The top mask_ratio of channels (at least one) get mask 0. Every process computes the
+  same mask on its own devices; process 0 writes it.
+  """
+  import time  # noqa: PLC0415
+  from msnet.data import shards  # noqa: PLC0415
+  start_t = time.perf_counter()
+  dc = config.stages.deepcloak
+  get_params = _from_baseline(workdir, "deepcloak")
+  params = jax.device_put(get_params())
+  model = _slave(config)
+
+  @jax.jit
+  def channel_diff(p: Any, x_clean: jax.Array, x_deg: jax.Array) -> jax.Array:
+    f = lambda x: model.apply({"params": p}, x, method="trunk_features").astype(jnp.float32)  # noqa: E731
+    return jnp.mean(jnp.abs(f(x_clean) - f(x_deg)), axis=(1, 2))  # [B, C]
+
+  split = config.data.train_split
+  clean = shards.open_shards(shards.spec_dir(workdir, split, config.bins[0].train_specs[0]))
+  total, pairs = None, 0
+  for spec in dc.train_specs:
+    degraded = shards.open_shards(shards.spec_dir(workdir, split, spec))
+    n = min(int(dc.num_examples), len(clean), len(degraded))
+    bs = min(batch_size, n)
+    for lo in range(0, n, bs):
+      idx = list(range(lo, min(lo + bs, n)))
+      a, b = [clean[i] for i in idx], [degraded[i] for i in idx]
+      if any(x["index"] != y["index"] for x, y in zip(a, b)):
+        raise RuntimeError(f"deepcloak: records of 'clean' and {spec!r} are not aligned by source index")
+      pad = [idx[-1]] * (bs - len(idx))  # one batch shape: no recompiles
+      xa = np.stack([r["image"] for r in a] + [clean[i]["image"] for i in pad])
+      xb = np.stack([r["image"] for r in b] + [degraded[i]["image"] for i in pad])
+      d = np.asarray(channel_diff(params, xa, xb))[:len(idx)].sum(axis=0)
+      total = d if total is None else total + d
+      pairs += len(idx)
+  sensitivity = total / pairs
+  channels = sensitivity.shape[0]
+  n_mask = max(1, int(round(float(dc.mask_ratio) * channels)))
+  mask = np.ones(channels, np.float32)
+  mask[np.argsort(-sensitivity, kind="stable")[:n_mask]] = 0.0
+  out = loop.stage_dir(workdir, "deepcloak")
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / FEATURE_MASK).open("wb") as f:
+      np.save(f, mask)
+    with (out / "sensitivity.npy").open("wb") as f:
+      np.save(f, sensitivity)
+  result = {"stage": "deepcloak", "channels": channels, "masked": n_mask, "mask_ratio": float(dc.mask_ratio),
+            "pairs": pairs, "train_specs": list(dc.train_specs),
+            "masked_channels": sorted(int(i) for i in np.flatnonzero(mask == 0)),
+            "wall_time_s": time.perf_counter() - start_t}
+  if jax.process_index() == 0:
+    print(f"[deepcloak] {json.dumps(result)}", flush=True)
+  loop.write_done(workdir, "deepcloak", result)
+  return result
