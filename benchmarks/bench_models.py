@@ -1,0 +1,134 @@
+"""Per-layer conv formulations and whole-model speed on this machine (CPU).
+
+  python benchmarks/bench_models.py            # layers at bs128 (width 1.0) + models at width 1.0 and 0.25
+  python benchmarks/bench_models.py --quick    # a ~1-minute smoke run: bs32, width 0.25, 2 reps
+  python benchmarks/bench_models.py --only layers|models [--batch N] [--reps N] [--xla]
+
+Layers: each 3x3 SAME conv of the CIFAR VGG-16 (32x32 input), the forward pass, the input gradient (dx)
+and the kernel gradient (dw), in every formulation of msnet.models.layers ("xla" = lax.conv_general_dilated
+and, for dx/dw, XLA's own backward convs via jax.vjp; "im2col"/"shift" as documented there), best of
+--reps, milliseconds. Models: forward and train-step (softmax CE, SGD momentum) images/s of the slave,
+K=1 (the baseline) and K=3, with the measured CPU policy (and XLA's convs with --xla; slow: the 2x2 layers).
+
+Interleave comparisons inside one run: the machine is shared and noisy (see cpu-performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from msnet import config
+from msnet.models import CPU_POLICY, XLA_POLICY, build_slave
+from msnet.models import layers as L
+
+VGG_CONVS = [(32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256), (8, 256, 256),
+             (4, 256, 512), (4, 512, 512), (2, 512, 512)]
+
+
+def best_ms(f, *args, reps: int) -> float:
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * min(times)
+
+
+def bench_layers(batch: int, width: float, reps: int) -> None:
+  rng = np.random.default_rng(0)
+  print(f"\n# per-layer ms, batch {batch}, width {width} (best of {reps}); * = the CPU policy's choice")
+  for size, cin, cout in VGG_CONVS:
+    cin = cin if cin == 3 else L.scaled(cin, width)
+    cout = L.scaled(cout, width)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) * 0.1, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(batch, size, size, cout)), jnp.float32)
+    k_t = jnp.flip(k, (0, 1)).swapaxes(2, 3)
+    chosen = {p: CPU_POLICY.pick(getattr(CPU_POLICY, p), size) for p in ("fwd", "dx", "dw")}
+    if cin <= CPU_POLICY.fwd_im2col_cin:
+      chosen["fwd"] = "im2col"
+    cells = []
+    for impl in L.IMPLS:
+      t = best_ms(jax.jit(lambda x, k, i=impl: L._fwd_impl(i, x, k)), x, k, reps=reps)
+      cells.append(f"fwd_{impl}={t:.1f}{'*' if chosen['fwd'] == impl else ''}")
+    if cin > 3:  # the first layer needs no input gradient
+      for impl in L.IMPLS:
+        if impl == "xla":
+          f = jax.jit(lambda x, k, d: jax.vjp(lambda x: L._fwd_impl("xla", x, k), x)[1](d)[0])
+          t = best_ms(f, x, k, dy, reps=reps)
+        else:
+          t = best_ms(jax.jit(lambda d, kt, i=impl: L._fwd_impl(i, d, kt)), dy, k_t, reps=reps)
+        cells.append(f"dx_{impl}={t:.1f}{'*' if chosen['dx'] == impl else ''}")
+    for impl in L.IMPLS:
+      f = jax.jit(lambda x, d, i=impl: L._dw_impl(i, x, d, k.shape, CPU_POLICY.dw_rows))
+      cells.append(f"dw_{impl}={best_ms(f, x, dy, reps=reps):.1f}{'*' if chosen['dw'] == impl else ''}")
+    gflop = 2 * batch * size * size * 9 * cin * cout / 1e9
+    print(f"{size:2d}x{size:<2d} {cin:3d}->{cout:3d} ({gflop:.2f} GFLOP): " + " ".join(cells), flush=True)
+
+
+def bench_model(width: float, batch: int, k: int, policy: L.ConvPolicy, reps: int) -> tuple[float, float]:
+  cfg = config.base_config().model
+  cfg.width = width
+  model = build_slave(cfg, 10, k, policy=policy)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
+  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x)["params"]
+  tx = optax.sgd(0.01, momentum=0.9)
+
+  def loss(p):
+    logits = model.apply({"params": p}, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(y, logits.shape[:2])).mean()
+
+  @jax.jit
+  def step(p, o):
+    value, grads = jax.value_and_grad(loss)(p)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, value
+
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  fwd_ms = best_ms(forward, params, x, reps=reps)
+  state = (params, tx.init(params))
+  jax.block_until_ready(step(*state))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    state = step(*state)[:2]
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t)
+  return batch / fwd_ms * 1e3, batch / min(times)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--only", choices=["layers", "models"])
+  ap.add_argument("--batch", type=int)
+  ap.add_argument("--reps", type=int)
+  ap.add_argument("--xla", action="store_true", help="also time the models with plain XLA convs")
+  a = ap.parse_args()
+  batch = a.batch or (32 if a.quick else 128)
+  reps = a.reps or (2 if a.quick else 3)
+  widths = [0.25] if a.quick else [1.0, 0.25]
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
+  if a.only in (None, "layers"):
+    bench_layers(batch, widths[0], reps)
+  if a.only in (None, "models"):
+    print(f"\n# CIFAR VGG-16 slave, 32x32, batch {batch}: forward / train-step images/s (best of {reps})")
+    for width in widths:
+      for k in (1, 3):
+        policies = [("cpu", CPU_POLICY)] + ([("xla", XLA_POLICY)] if a.xla else [])
+        for name, policy in policies:
+          fwd, train = bench_model(width, batch, k, policy, reps)
+          print(f"width {width:<4} K={k} {name}: forward {fwd:7.1f} img/s   train step {train:6.1f} img/s", flush=True)
+
+
+if __name__ == "__main__":
+  main()
