@@ -23,8 +23,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from msnet import parallel
+from msnet.data import loader as loader_lib, shards
 from msnet.train import optim, state as state_lib, step as step_lib
 
 CKPT = "ckpt"
@@ -194,7 +196,6 @@ def _finite(m: dict[str, float]) -> bool:
 def _eval_accuracy(config: ml_collections.ConfigDict, workdir: Any, mesh: Any, eval_step: Callable,
                    params: Any, specs: Sequence[str]) -> float | None:
   """Validation accuracy over the eval split's shards of `specs` (those that exist); None if none do."""
-  from msnet.data import loader as loader_lib, shards  # noqa: PLC0415
   correct = count = 0
   for spec in specs:
     if not shards.spec_dir(workdir, config.data.eval_split, spec).exists():
@@ -207,7 +208,6 @@ def _eval_accuracy(config: ml_collections.ConfigDict, workdir: Any, mesh: Any, e
 
 def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str, Any]:
   """Train one stage to completion (or resume it); returns the DONE.json dict."""
-  from msnet.data import loader as loader_lib  # noqa: PLC0415
   wall_start = time.perf_counter()
   out = stage_dir(workdir, job.name)
   if jax.process_index() == 0:
@@ -253,7 +253,6 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
       loss=job.loss, alpha=float(config.stability.alpha), noise_sigma=float(config.stability.noise_sigma))
   eval_step = step_lib.make_eval_step(job.apply_fn, mesh, shardings.params, job.label_key)
 
-  from tqdm.auto import tqdm  # noqa: PLC0415
   bar = tqdm(total=total, initial=start, desc=job.name, unit="step", disable=jax.process_index() != 0,
              dynamic_ncols=True)
   log = _Log(out / METRICS, bar if jax.process_index() == 0 else None)

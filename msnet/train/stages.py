@@ -15,6 +15,7 @@ A stage's own `train_specs` (config.stages.<stage>.train_specs) replaces its def
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import jax
@@ -24,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from msnet import config as config_lib
+from msnet import config as config_lib, models
+from msnet.data import shards
 from msnet.train import loop, step as step_lib
 
 DA_TRAINABLE = {
@@ -53,7 +55,7 @@ def _unique(specs: Any) -> list[str]:
 def load_params(workdir: Any, stage: str) -> Any:
   """Final params of a completed stage, as host NumPy arrays (put them into shardings yourself)."""
   if loop.read_done(workdir, stage) is None:
-    raise FileNotFoundError(f"stage {stage!r} is not complete in {workdir} (no {loop.stage_dir(workdir, stage) / loop.DONE}); "
+    raise FileNotFoundError(f"stage {stage!r} is not complete (no {loop.stage_dir(workdir, stage) / loop.DONE}); "
                             f"run `msnet train --stage={stage}` first")
   return restore_params(loop.stage_dir(workdir, stage) / loop.CKPT)
 
@@ -88,7 +90,6 @@ def load_feature_mask(workdir: Any) -> np.ndarray:
 
 
 def _slave(config: ml_collections.ConfigDict) -> Any:
-  from msnet import models  # noqa: PLC0415
   return models.build_slave(config.model, int(config.data.num_classes), 1)
 
 
@@ -109,7 +110,6 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
   every_bin = _unique(s for b in bins for s in b.train_specs)
   key = loop.stage_rng(config.seed, stage + "/init")  # the train step draws from stage_rng(seed, stage)
   if stage == "master":
-    from msnet import models  # noqa: PLC0415
     model = models.build_master(config.master, len(bins))
     specs, weights = list(config.stages.master.train_specs), None
     if not specs:
@@ -127,7 +127,6 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
   apply_fn = step_lib.slave_apply(model)
   if stage == "baseline":
     if config.model.pretrained:
-      from msnet import models  # noqa: PLC0415
       init = dict(init_params=lambda: models.load_pretrained_vgg16(config.model.pretrained, config.model))
     else:
       init = dict(init_fn=lambda: model.init({"params": key, "dropout": key}, _dummy(config), train=False)["params"])
@@ -161,21 +160,19 @@ def run_deepcloak(config: ml_collections.ConfigDict, workdir: Any, batch_size: i
   trunk's output. The top mask_ratio of channels (at least one) get mask 0. Every process computes the
   same mask on its own devices; process 0 writes it.
   """
-  import time  # noqa: PLC0415
-  from msnet.data import shards  # noqa: PLC0415
   start_t = time.perf_counter()
   dc = config.stages.deepcloak
-  get_params = _from_baseline(workdir, "deepcloak")
-  params = jax.device_put(get_params())
+  params = jax.device_put(_from_baseline(workdir, "deepcloak")())
   model = _slave(config)
 
   @jax.jit
   def channel_diff(p: Any, x_clean: jax.Array, x_deg: jax.Array) -> jax.Array:
-    f = lambda x: model.apply({"params": p}, x, method="trunk_features").astype(jnp.float32)  # noqa: E731
-    return jnp.mean(jnp.abs(f(x_clean) - f(x_deg)), axis=(1, 2))  # [B, C]
+    def features(x: jax.Array) -> jax.Array:
+      return model.apply({"params": p}, x, method="trunk_features").astype(jnp.float32)
+    return jnp.mean(jnp.abs(features(x_clean) - features(x_deg)), axis=(1, 2))  # [B, C]
 
   split = config.data.train_split
-  clean = shards.open_shards(shards.spec_dir(workdir, split, config.bins[0].train_specs[0]))
+  clean = shards.open_shards(shards.spec_dir(workdir, split, "clean"))
   total, pairs = None, 0
   for spec in dc.train_specs:
     degraded = shards.open_shards(shards.spec_dir(workdir, split, spec))

@@ -25,9 +25,8 @@ ApplyFn = Callable[[Any, jax.Array, bool, jax.Array], jax.Array]
 
 def slave_apply(model: Any) -> ApplyFn:
   """The single-branch (K=1) slave as a [B, C] classifier; stages train one branch at a time."""
-  def apply(params: Any, images: jax.Array, train: bool, rng: jax.Array, feature_mask: Any = None) -> jax.Array:
-    logits = model.apply({"params": params}, images, train=train, feature_mask=feature_mask,
-                         rngs={"dropout": rng} if train else None)
+  def apply(params: Any, images: jax.Array, train: bool, rng: jax.Array) -> jax.Array:
+    logits = model.apply({"params": params}, images, train=train, rngs={"dropout": rng} if train else None)
     return logits[0]
   return apply
 
