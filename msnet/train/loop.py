@@ -150,8 +150,10 @@ class _Log:
       return
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
-    if console:
-      self.bar.write(console) if self.bar is not None else print(console, flush=True)
+    if console and self.bar is not None:
+      self.bar.write(console)
+    elif console:
+      print(console, flush=True)
 
 
 class _Clock:
@@ -194,16 +196,15 @@ def _finite(m: dict[str, float]) -> bool:
 
 
 def _eval_accuracy(config: ml_collections.ConfigDict, workdir: Any, mesh: Any, eval_step: Callable,
-                   params: Any, specs: Sequence[str]) -> float | None:
-  """Validation accuracy over the eval split's shards of `specs` (those that exist); None if none do."""
+                   params: Any, specs: Sequence[str]) -> tuple[float | None, list[str]]:
+  """(accuracy, specs used) over the eval split's shards of those `specs` that exist; None if none do."""
   correct = count = 0
-  for spec in specs:
-    if not shards.spec_dir(workdir, config.data.eval_split, spec).exists():
-      continue
+  present = [s for s in specs if shards.spec_dir(workdir, config.data.eval_split, s).exists()]
+  for spec in present:
     for batch in loader_lib.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh):
       c, n = eval_step(params, batch)
       correct, count = correct + int(c), count + int(n)
-  return correct / count if count else None
+  return (correct / count if count else None), present
 
 
 def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str, Any]:
@@ -292,11 +293,11 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
 
   def validate(done: int, what: str) -> float | None:
     t = time.perf_counter()
-    acc = _eval_accuracy(config, workdir, mesh, eval_step, state.params, job.eval_specs)
+    acc, specs = _eval_accuracy(config, workdir, mesh, eval_step, state.params, job.eval_specs)
     clock.exclude(time.perf_counter() - t)
     if acc is not None:
-      log({"step": done, "epoch": done / steps_per_epoch, "val_accuracy": acc},
-          f"[{job.name}] {what} validation accuracy {acc:.4f} ({', '.join(job.eval_specs)})")
+      log({"step": done, "epoch": done / steps_per_epoch, "val_accuracy": acc, "val_specs": specs},
+          f"[{job.name}] {what} validation accuracy {acc:.4f} ({', '.join(specs)})")
     return acc
 
   validating = bool(config.train.eval_every_epoch)
