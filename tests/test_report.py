@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -166,3 +167,12 @@ def test_fig1b_drawn_with_alexnet_rows(tmp_path: pathlib.Path) -> None:
   report.run_report(config_lib.base_config(), tmp_path)
   assert _is_png(tmp_path / "report" / "fig1b.png")
   assert "](fig1b.png)" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_pct_change_undefined_when_baseline_does_not_degrade() -> None:
+  rows = [dict(r, top1=0.5) if r["method"] == "baseline" and r["spec"] in ("clean", "jpeg:10") else r
+          for r in _rows()]
+  t1 = tables.table1(rows)
+  assert all(math.isnan(r["pct_change"]) for r in t1)
+  text = "\n".join(report._claims_section(rows, t1))
+  assert text.count("% change is undefined") == 2 and "AMS -%" not in text
