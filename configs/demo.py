@@ -39,11 +39,11 @@ def get_config(arg: str | None = None):
     c.stages[name].steps = 150
   c.stages.stability.steps = 100
   c.stages.deepcloak.num_examples = 512
-  c.sweeps.jpeg = [f"jpeg:{q}" for q in (2, 5, 10, 20, 30, 50, 75, 90)]
-  c.sweeps.noise = [f"noise:{s}" for s in (5, 10, 20, 40, 80)]
-  c.sweeps.blur = [f"blur:{s}" for s in (0.5, 1, 1.5, 2, 3)]
-  c.sweeps.noise_jpeg = [f"noise:10+jpeg:{q}" for q in (5, 10, 20, 50, 90)]
-  c.sweeps.blur_jpeg = [f"blur:1@4+jpeg:{q}" for q in (5, 10, 20, 50, 90)]
+  c.sweeps.jpeg = tuple(f"jpeg:{q}" for q in (2, 5, 10, 20, 30, 50, 75, 90))
+  c.sweeps.noise = tuple(f"noise:{s}" for s in (5, 10, 20, 40, 80))
+  c.sweeps.blur = tuple(f"blur:{s}" for s in (0.5, 1, 1.5, 2, 3))
+  c.sweeps.noise_jpeg = tuple(f"noise:10+jpeg:{q}" for q in (5, 10, 20, 50, 90))
+  c.sweeps.blur_jpeg = tuple(f"blur:1@4+jpeg:{q}" for q in (5, 10, 20, 50, 90))
   if args.get("runlocal"):
     config_lib.shrink_for_runlocal(c)
   return c

@@ -31,8 +31,8 @@ def get_config(arg: str | None = None):
   c.model.input_norm = "caffe"
   c.model.pretrained = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"  # Keras' file; override with your path
   c.model.compute_dtype = "bfloat16"
-  c.master.conv_features = [32, 64, 128]
-  c.master.fc_features = [512, 256]
+  c.master.conv_features = (32, 64, 128)
+  c.master.fc_features = (512, 256)
   c.degrade.records_per_shard = 1024
   c.degrade.num_workers = 8
   c.train.global_batch = 256
@@ -47,8 +47,8 @@ def get_config(arg: str | None = None):
   for name in ("da_fc8", "da_fc67", "da_fc678", "stability"):
     c.stages[name].epochs = 1
     c.stages[name].lr = 0.001
-  c.mesh = [("data", -1), ("model", int(args.get("model_axis", 1)))]
-  c.sharding_rules = [(r"params/branches/fc[67]/kernel", "model"), (".*", "replicate")]
+  c.mesh = (("data", -1), ("model", int(args.get("model_axis", 1))))
+  c.sharding_rules = ((r"branches/fc[67]/kernel", "model"), (".*", "replicate"))
   if args.get("runlocal"):
     config_lib.shrink_for_runlocal(c)
     c.data.image_size = 64

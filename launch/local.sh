@@ -4,9 +4,10 @@
 #   launch/local.sh --processes 2 --devices-per-process 4 -- msnet train --config=configs/demo.py:runlocal --workdir=/tmp/w
 #
 # Each process gets D fake CPU devices and joins the job through jax.distributed.initialize on localhost
-# (msnet reads MSNET_COORDINATOR / MSNET_NUM_PROCESSES / MSNET_PROCESS_ID). Logs of process i go to
-# stdout prefixed with [i]. If one process fails, the others are stopped and the exit code is the failure's.
-set -euo pipefail
+# (msnet reads MSNET_COORDINATOR / MSNET_NUM_PROCESSES / MSNET_PROCESS_ID). Output of process i is prefixed
+# with [i]. When one process fails, the others cannot finish their collectives: they are stopped (TERM, then
+# KILL after 10 s) and the exit code is the first failure's.
+set -uo pipefail
 processes=2
 devices=1
 port=${MSNET_PORT:-$((20000 + RANDOM % 20000))}
@@ -22,19 +23,22 @@ done
 if [[ $# -eq 0 ]]; then echo "launch/local.sh: no command after --" >&2; exit 2; fi
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup INT TERM
+stop_all() {
+  kill -TERM "${pids[@]}" 2>/dev/null
+  for _ in $(seq 100); do kill -0 "${pids[@]}" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "${pids[@]}" 2>/dev/null
+}
+trap 'stop_all; exit 130' INT TERM
 for ((i = 0; i < processes; i++)); do
-  (
-    export JAX_PLATFORMS=cpu
-    export XLA_FLAGS="--xla_force_host_platform_device_count=${devices}"
-    export MSNET_COORDINATOR="localhost:${port}" MSNET_NUM_PROCESSES="${processes}" MSNET_PROCESS_ID="${i}"
-    exec "$@" 2>&1 | sed -u "s/^/[${i}] /"
-  ) &
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
+  MSNET_COORDINATOR="localhost:${port}" MSNET_NUM_PROCESSES="${processes}" MSNET_PROCESS_ID="${i}" \
+    "$@" > >(sed -u "s/^/[${i}] /") 2>&1 &
   pids+=($!)
 done
 status=0
-for p in "${pids[@]}"; do
-  wait "$p" || { rc=$?; [[ $status -eq 0 ]] && status=$rc; cleanup; }
+for ((k = 0; k < processes; k++)); do
+  wait -n "${pids[@]}"; rc=$?
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; stop_all; fi
 done
+wait
 exit "$status"

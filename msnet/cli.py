@@ -105,7 +105,8 @@ def _main(argv: list[str]) -> None:
 
 
 def main() -> None:
-  """Console-script entry point."""
+  """Console-script entry point. Library INFO logs (orbax, jax) are hidden unless --verbosity=0."""
+  flags.FLAGS.set_default("verbosity", -1)
   app.run(_main)
 
 

@@ -32,7 +32,7 @@ def _stage(**overrides: Any) -> ml_collections.ConfigDict:
       optimizer="sgd",        # "sgd" (with `momentum`, Nesterov) or "adamw"
       momentum=0.9,           # SGD momentum
       weight_decay=5e-4,      # decoupled weight decay on kernels
-      train_specs=[],         # degradation specs of the training mixture; [] = the stage's default
+      train_specs=(),         # degradation specs of the training mixture; () = the stage's default
   ))
   stage.update(overrides)
   return stage
@@ -71,24 +71,24 @@ def base_config() -> ml_collections.ConfigDict:
   # "quality 10 to 2" is read as compression ratios of about 100:1 and stronger (GraphicsMagick/JasPer's
   # quality scale maps Q=2..10 to ~110-130:1) at ImageNet size; see `cifar_jp2k()` for 32x32 images.
   c.bins = [
-      ml_collections.ConfigDict(dict(name="clean", match=[], train_specs=["clean"])),
-      ml_collections.ConfigDict(dict(name="jpeg", match=["jpeg:5-20"],
-                                     train_specs=["jpeg:5", "jpeg:10", "jpeg:15", "jpeg:20"])),
-      ml_collections.ConfigDict(dict(name="jp2k", match=["jp2k:80-400"],
-                                     train_specs=["jp2k:100", "jp2k:150", "jp2k:200", "jp2k:300"])),
+      ml_collections.ConfigDict(dict(name="clean", match=(), train_specs=("clean",))),
+      ml_collections.ConfigDict(dict(name="jpeg", match=("jpeg:5-20",),
+                                     train_specs=("jpeg:5", "jpeg:10", "jpeg:15", "jpeg:20"))),
+      ml_collections.ConfigDict(dict(name="jp2k", match=("jp2k:80-400",),
+                                     train_specs=("jp2k:100", "jp2k:150", "jp2k:200", "jp2k:300"))),
   ]
 
-  # Evaluation sweeps: name -> list of specs. Combined sweeps compose left to right with "+".
+  # Evaluation sweeps: name -> tuple of specs. Combined sweeps compose left to right with "+".
   c.sweeps = ml_collections.ConfigDict(dict(
-      clean=["clean"],
-      jpeg=[f"jpeg:{q}" for q in (1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)],
-      jp2k=[f"jp2k:{r}" for r in (2, 5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 400)],
-      noise=[f"noise:{s}" for s in (2, 5, 10, 15, 20, 30, 40, 60, 80, 100)],
-      blur=[f"blur:{s}" for s in (0.5, 1, 1.5, 2, 3, 4, 6)],
-      noise_jpeg=[f"noise:10+jpeg:{q}" for q in (5, 10, 20, 40, 70, 100)],
-      noise_jp2k=[f"noise:10+jp2k:{r}" for r in (5, 20, 60, 100, 200)],
-      blur_jpeg=[f"blur:1@4+jpeg:{q}" for q in (5, 10, 20, 40, 70, 100)],
-      blur_jp2k=[f"blur:1@4+jp2k:{r}" for r in (5, 20, 60, 100, 200)],
+      clean=("clean",),
+      jpeg=tuple(f"jpeg:{q}" for q in (1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)),
+      jp2k=tuple(f"jp2k:{r}" for r in (2, 5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 400)),
+      noise=tuple(f"noise:{s}" for s in (2, 5, 10, 15, 20, 30, 40, 60, 80, 100)),
+      blur=tuple(f"blur:{s}" for s in (0.5, 1, 1.5, 2, 3, 4, 6)),
+      noise_jpeg=tuple(f"noise:10+jpeg:{q}" for q in (5, 10, 20, 40, 70, 100)),
+      noise_jp2k=tuple(f"noise:10+jp2k:{r}" for r in (5, 20, 60, 100, 200)),
+      blur_jpeg=tuple(f"blur:1@4+jpeg:{q}" for q in (5, 10, 20, 40, 70, 100)),
+      blur_jp2k=tuple(f"blur:1@4+jp2k:{r}" for r in (5, 20, 60, 100, 200)),
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -105,8 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.master = ml_collections.ConfigDict(dict(
-      conv_features=[32, 64, 64],  # the paper's master: 3 conv layers ...
-      fc_features=[256, 128],      # ... and 3 fully connected (these two + the bin output layer)
+      conv_features=(32, 64, 64),  # the paper's master: 3 conv layers ...
+      fc_features=(256, 128),      # ... and 3 fully connected (these two + the bin output layer)
   ))
 
   c.stages = ml_collections.ConfigDict(dict(
@@ -120,14 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
       deepcloak=ml_collections.ConfigDict(dict(
           mask_ratio=0.01,         # fraction of trunk-output channels masked (the paper: 1%)
           num_examples=1024,       # clean/degraded pairs used to rank channel sensitivity
-          train_specs=["jpeg:10"],  # degradation the sensitivity is measured on
+          train_specs=("jpeg:10",),  # degradation the sensitivity is measured on
       )),
   ))
   c.stability = ml_collections.ConfigDict(dict(
       alpha=0.01,                # weight of KL(p(clean) || p(perturbed)) added to the clean cross-entropy
       noise_sigma=10.0,          # Gaussian perturbation, sigma on the 0-255 scale (Zheng et al.)
   ))
-  c.comparisons = list(COMPARISON_STAGES)  # which comparison methods `msnet run` trains
+  c.comparisons = COMPARISON_STAGES  # which comparison methods `msnet run` trains
 
   c.train = ml_collections.ConfigDict(dict(
       global_batch=128,          # examples per optimizer step over all devices and processes
@@ -141,14 +141,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.evaluate = ml_collections.ConfigDict(dict(
       global_batch=256,          # examples per evaluation step over all devices and processes
-      methods=["baseline", "branches", "ms", "ams", "map", "oracle", "bitstream",
-               "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak"],
-      sweeps=["clean", "jpeg", "jp2k", "noise", "blur",
-              "noise_jpeg", "noise_jp2k", "blur_jpeg", "blur_jp2k"],
+      methods=("baseline", "branches", "ms", "ams", "map", "oracle", "bitstream",
+               "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak"),
+      sweeps=("clean", "jpeg", "jp2k", "noise", "blur",
+              "noise_jpeg", "noise_jp2k", "blur_jpeg", "blur_jp2k"),
   ))
 
-  c.mesh = [("data", -1)]          # mesh axes and sizes; -1 takes the remaining devices
-  c.sharding_rules = [(".*", "replicate")]  # (param-path regex, "replicate" | mesh axis for FSDP)
+  c.mesh = (("data", -1),)          # mesh axes and sizes; -1 takes the remaining devices
+  c.sharding_rules = ((".*", "replicate"),)  # (param-path regex, "replicate" | mesh axis for FSDP)
   return c
 
 
@@ -161,11 +161,11 @@ def cifar_jp2k(c: ml_collections.ConfigDict) -> None:
   the blocky regime of JPEG 5-20 at this size).
   """
   jp2k_bin = [b for b in c.bins if b.name == "jp2k"][0]
-  jp2k_bin.match = ["jp2k:12-400"]
-  jp2k_bin.train_specs = ["jp2k:12", "jp2k:16", "jp2k:20", "jp2k:24"]
-  c.sweeps.jp2k = [f"jp2k:{r}" for r in (2, 4, 6, 8, 10, 12, 16, 20, 24)]
-  c.sweeps.noise_jp2k = [f"noise:10+jp2k:{r}" for r in (4, 8, 12, 16, 24)]
-  c.sweeps.blur_jp2k = [f"blur:1@4+jp2k:{r}" for r in (4, 8, 12, 16, 24)]
+  jp2k_bin.match = ("jp2k:12-400",)
+  jp2k_bin.train_specs = ("jp2k:12", "jp2k:16", "jp2k:20", "jp2k:24")
+  c.sweeps.jp2k = tuple(f"jp2k:{r}" for r in (2, 4, 6, 8, 10, 12, 16, 20, 24))
+  c.sweeps.noise_jp2k = tuple(f"noise:10+jp2k:{r}" for r in (4, 8, 12, 16, 24))
+  c.sweeps.blur_jp2k = tuple(f"blur:1@4+jp2k:{r}" for r in (4, 8, 12, 16, 24))
 
 
 def parse_arg(arg: str | None) -> dict[str, Any]:
@@ -185,8 +185,8 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
   c.model.width = 0.125
   c.model.fc_width = 64
   c.model.dropout = 0.0
-  c.master.conv_features = [8, 16, 16]
-  c.master.fc_features = [32, 32]
+  c.master.conv_features = (8, 16, 16)
+  c.master.fc_features = (32, 32)
   for name in ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability"):
     c.stages[name].epochs = 1.0
     c.stages[name].steps = 4
@@ -195,10 +195,10 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
   for b in c.bins:
     b.train_specs = b.train_specs[:1]
   c.sweeps = ml_collections.ConfigDict({
-      "clean": ["clean"], "jpeg": ["jpeg:10", "jpeg:50"], "jp2k": ["jp2k:8", "jp2k:16"],
-      "noise": ["noise:20"], "blur": ["blur:1"], "noise_jpeg": ["noise:10+jpeg:10"],
-      "blur_jpeg": ["blur:1@4+jpeg:10"]})
-  c.evaluate.sweeps = list(c.sweeps.keys())
+      "clean": ("clean",), "jpeg": ("jpeg:10", "jpeg:50"), "jp2k": ("jp2k:8", "jp2k:16"),
+      "noise": ("noise:20",), "blur": ("blur:1",), "noise_jpeg": ("noise:10+jpeg:10",),
+      "blur_jpeg": ("blur:1@4+jpeg:10",)})
+  c.evaluate.sweeps = tuple(c.sweeps.keys())
   c.train.global_batch = 32
   c.train.log_every_steps = 2
   c.train.checkpoint_every_steps = 2
@@ -317,11 +317,12 @@ def to_json(c: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of `to_json`: dicts, also inside lists, become ConfigDicts again."""
+  """Inverse of `to_json`: dicts, also inside lists, become ConfigDicts again, other lists tuples."""
   def build(value: Any) -> Any:
     if isinstance(value, dict):
       return ml_collections.ConfigDict({k: build(v) for k, v in value.items()})
-    if isinstance(value, list):
-      return [build(v) for v in value]
+    if isinstance(value, list):  # config.bins stays a list of ConfigDicts; every other sequence is a tuple
+      items = [build(v) for v in value]
+      return items if any(isinstance(v, ml_collections.ConfigDict) for v in items) else tuple(items)
     return value
   return build(json.loads(text))
