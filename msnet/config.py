@@ -14,7 +14,9 @@ from typing import Any
 import ml_collections
 
 # The stages `msnet train` knows, in pipeline order. Branch stages are named `branch_<bin name>`.
-COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak")
+GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability",
+                          "alexnet_baseline")  # config.stages entries of the trained stages
+COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline")
 
 
 class ConfigError(ValueError):
@@ -117,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
       da_fc67=_stage(epochs=3, lr=0.01),
       da_fc678=_stage(epochs=3, lr=0.01),
       stability=_stage(epochs=3, lr=0.005),
+      alexnet_baseline=_stage(epochs=30, lr=0.02, warmup_steps=200),  # AlexNet on clean data (Fig. 1b)
       deepcloak=ml_collections.ConfigDict(dict(
           mask_ratio=0.01,         # fraction of trunk-output channels masked (the paper: 1%)
           num_examples=1024,       # clean/degraded pairs used to rank channel sensitivity
@@ -142,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate = ml_collections.ConfigDict(dict(
       global_batch=256,          # examples per evaluation step over all devices and processes
       methods=("baseline", "branches", "ms", "ams", "map", "oracle", "bitstream",
-               "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak"),
+               "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline"),
       sweeps=("clean", "jpeg", "jp2k", "noise", "blur",
               "noise_jpeg", "noise_jp2k", "blur_jpeg", "blur_jp2k"),
   ))
@@ -168,6 +171,19 @@ def cifar_jp2k(c: ml_collections.ConfigDict) -> None:
   c.sweeps.blur_jp2k = tuple(f"blur:1@4+jp2k:{r}" for r in (4, 8, 12, 16, 24))
 
 
+def alexnet_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model config of the alexnet_baseline stage: config.model with AlexNet's layers (Fig. 1b).
+
+  Same variant, width, norm and input normalisation as the VGG-16, so the two differ in architecture
+  only; every conv is in the trunk (one branch, nothing is shared).
+  """
+  m = ml_collections.ConfigDict(c.model.to_dict())
+  m.arch = "alexnet"
+  m.trunk_layers = 5
+  m.pretrained = ""
+  return m
+
+
 def parse_arg(arg: str | None) -> dict[str, Any]:
   """`"runlocal,width=0.5"` -> {"runlocal": True, "width": "0.5"}: the config-file argument."""
   out: dict[str, Any] = {}
@@ -187,7 +203,7 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
   c.model.dropout = 0.0
   c.master.conv_features = (8, 16, 16)
   c.master.fc_features = (32, 32)
-  for name in ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability"):
+  for name in GRADIENT_STAGE_CONFIGS:
     c.stages[name].epochs = 1.0
     c.stages[name].steps = 4
     c.stages[name].warmup_steps = 0
@@ -267,7 +283,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(len(c.master.fc_features) == 2, "master.fc_features",
          "the master has 3 FC layers: give the 2 hidden widths (the third outputs the bins)")
 
-  for name in ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability"):
+  for name in GRADIENT_STAGE_CONFIGS:
     s = c.stages[name]
     if name == "baseline" and c.model.pretrained:
       continue  # the baseline is the imported pretrained network, not trained

@@ -9,7 +9,8 @@ is fixed; padding rows are masked):
           and bitstream routings and, with the master (run once too), MS and MAP all come from the same
           [K, B, C] slave logits; DeepCloak is the baseline head on the masked trunk features. It also
           counts the master's and the bitstream's bin confusion.
-  single: K=1 networks with a trunk of their own (stability trains every layer), one call per method.
+  single: K=1 networks with a trunk of their own (stability trains every layer; the AlexNet baseline),
+          one jitted step per architecture, one call per method.
 Methods whose training stages are not complete are skipped, printed and listed in the meta as "missing".
 Sums are global arrays reduced by jit across devices and processes and fetched once per spec.
 
@@ -51,7 +52,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from msnet import decision, degradations, models, parallel
+from msnet import config as config_lib, decision, degradations, models, parallel
 from msnet import train as train_lib
 from msnet.data import loader, shards
 
@@ -228,11 +229,11 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
   return jax.jit(step, in_shardings=(repl, *shardings, repl, parallel.data_sharding(mesh)), out_shardings=repl)
 
 
-def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int]
+def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int], name: str = "single"
                      ) -> Callable[..., dict[str, jax.Array]]:
   """acc, params, batch -> acc: one whole K=1 network (a method with its own trunk, e.g. stability)."""
   def step(acc, params, batch):
-    traces["single"] = traces.get("single", 0) + 1
+    traces[name] = traces.get(name, 0) + 1
     logits = model.apply({"params": params}, batch["image"], train=False)
     c1, c5 = _counts(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["label"], batch["mask"])
     return {"correct1": acc["correct1"] + c1, "correct5": acc["correct5"] + c5,
@@ -392,8 +393,7 @@ class Groups:
   shared_step: Callable[..., dict[str, jax.Array]]
   shared_args: tuple[Any, Any, Any, Any]        # params, dc_params, master_params, feature_mask
   layout: Layout
-  single_step: Callable[..., dict[str, jax.Array]] | None
-  single: dict[str, Any]                        # method -> placed params (methods with their own trunk)
+  single: dict[str, tuple[Callable[..., dict[str, jax.Array]], Any]]  # method -> (its arch's step, placed params)
   traces: dict[str, int]
   flops: dict[str, float]
 
@@ -468,17 +468,20 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
   shared_step = make_shared_step(module, single_model, master, layout, num_bins, mesh,
                                  (params_sh, dc_sh, master_sh), traces)
 
-  single_step, single = None, {}
-  if own:
-    first = next(iter(own.values()))
-    shardings = parallel.param_shardings(first, mesh, rules)
-    for m, p in own.items():
-      if jax.tree.structure(p) != jax.tree.structure(first):
-        raise ValueError(f"evaluate: params of stage {m!r} do not have the baseline's structure")
-      single[m] = jax.device_put(p, shardings)
-    single_step = make_single_step(single_model, mesh, shardings, traces)
-  return Groups(shared_step, (params, dc_params, master_params, feature_mask), layout, single_step, single,
-                traces, flops)
+  # Methods with a trunk of their own: one jitted step per architecture (VGG-16: stability; AlexNet).
+  single, steps = {}, {}
+  for m, p in own.items():
+    arch_cfg = config_lib.alexnet_model(config) if m == "alexnet_baseline" else config.model
+    model = single_model if m != "alexnet_baseline" else models.build_slave(arch_cfg, num_classes, 1)
+    expected = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                                                 jnp.zeros((1, size, size, 3), jnp.uint8))["params"])
+    if jax.tree.structure(p) != jax.tree.structure(expected):
+      raise ValueError(f"evaluate: params of stage {m!r} do not match the {arch_cfg.arch} model of this config")
+    shardings = parallel.param_shardings(p, mesh, rules)
+    if arch_cfg.arch not in steps:
+      steps[arch_cfg.arch] = make_single_step(model, mesh, shardings, traces, name=f"single_{arch_cfg.arch}")
+    single[m] = (steps[arch_cfg.arch], jax.device_put(p, shardings))
+  return Groups(shared_step, (params, dc_params, master_params, feature_mask), layout, single, traces, flops)
 
 
 def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec: str, groups: Groups,
@@ -493,8 +496,8 @@ def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec
   for batch in loader.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh):
     batch = {k: batch[k] for k in BATCH_KEYS}
     acc = groups.shared_step(acc, *groups.shared_args, batch)
-    for m, params in groups.single.items():
-      acc_single[m] = groups.single_step(acc_single[m], params, batch)
+    for m, (single_step, params) in groups.single.items():
+      acc_single[m] = single_step(acc_single[m], params, batch)
     bar.update(1)
   bar.close()
   shared, own = _fetch(acc), _fetch(acc_single)

@@ -27,7 +27,8 @@ from msnet.data import shards
 RECORDS = 37            # not a multiple of the global batch: the last batch is padded
 GLOBAL_BATCH = 16       # 2 per fake device
 SPECS = ("clean", "jpeg:10", "jpeg:50", "blur:1@4", "jp2k:100")
-DONE_STAGES = ("baseline", "branch_jpeg", "branch_jp2k", "master", "da_fc8", "stability", "deepcloak")
+DONE_STAGES = ("baseline", "branch_jpeg", "branch_jp2k", "master", "da_fc8", "stability", "deepcloak",
+               "alexnet_baseline")
 
 
 def _config() -> Any:
@@ -35,8 +36,8 @@ def _config() -> Any:
   c.data.image_size = 32
   c.model.width = 0.0625
   c.model.fc_width = 16
-  c.master.conv_features = [4, 4, 4]
-  c.master.fc_features = [8, 8]
+  c.master.conv_features = (4, 4, 4)
+  c.master.fc_features = (8, 8)
   c.sweeps = {"clean": ["clean"], "jpeg": ["jpeg:10", "jpeg:50"], "blur": ["blur:1"],
               "mixed": ["jpeg:10", "jp2k:100"]}  # jpeg:10 in two sweeps: evaluated once
   c.evaluate.sweeps = ["clean", "jpeg", "blur", "mixed"]
@@ -101,18 +102,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   slave = models.build_slave(cfg.model, 10, 3)
   single = models.build_slave(cfg.model, 10, 1)
   master = models.build_master(cfg.master, 3)
+  alexnet = models.build_slave(config_lib.alexnet_model(cfg), 10, 1)
   rng = np.random.default_rng(1)
   base = _random_params(single, rng)
   # As trained: the branches and DA fc8 keep the baseline's trunk; stability retrains everything.
   params = dict(baseline=base, slave=dict(_random_params(slave, rng), trunk=base["trunk"]),
                 da_fc8=dict(_random_params(single, rng), trunk=base["trunk"]),
-                stability=_random_params(single, rng), master=_random_params(master, rng))
+                stability=_random_params(single, rng), master=_random_params(master, rng),
+                alexnet_baseline=_random_params(alexnet, rng))
   mask = np.ones(params["baseline"]["trunk"]["conv4_3"]["bias"].shape, np.float32)
   mask[::3] = 0.0
   # Unsharded reference forward passes, on one device.
   apply = dict(slave=jax.jit(lambda p, x: slave.apply({"params": p}, x)),
                single=jax.jit(lambda p, x, m=None: single.apply({"params": p}, x, feature_mask=m)),
-               master=jax.jit(lambda p, x: master.apply({"params": p}, x)))
+               master=jax.jit(lambda p, x: master.apply({"params": p}, x)),
+               alexnet=jax.jit(lambda p, x: alexnet.apply({"params": p}, x)))
   apply = {k: (lambda f: lambda *a: np.asarray(f(*a)))(f) for k, f in apply.items()}
   return dict(workdir=workdir, cfg=cfg, data=data, params=params, mask=mask, apply=apply)
 
@@ -138,6 +142,7 @@ def _reference(setup: dict[str, Any], spec: str) -> dict[str, tuple[int, int]]:
       "baseline": _softmax(apply["single"](p["baseline"], x))[0],
       "da_fc8": _softmax(apply["single"](p["da_fc8"], x))[0],
       "stability": _softmax(apply["single"](p["stability"], x))[0],
+      "alexnet_baseline": _softmax(apply["alexnet"](p["alexnet_baseline"], x))[0],
       "deepcloak": _softmax(apply["single"](p["baseline"], x, setup["mask"]))[0],
       "branch_clean": branch[0], "branch_jpeg": branch[1], "branch_jp2k": branch[2],
       "ms": branch[np.argmax(pbin, -1), rows],
@@ -159,16 +164,17 @@ def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pyt
   # Untrained stages are skipped, listed in the meta and printed.
   assert set(meta["missing"]) == {"da_fc67", "da_fc678"}
   assert "da_fc67" in capsys.readouterr().err
-  methods = {"baseline", "da_fc8", "stability", "deepcloak", "branch_clean", "branch_jpeg", "branch_jp2k",
+  methods = {"baseline", "da_fc8", "stability", "alexnet_baseline", "deepcloak", "branch_clean", "branch_jpeg", "branch_jp2k",
              "ms", "ams", "map", "oracle", "bitstream"}
   assert set(meta["methods"]) == methods
   # Each spec once (jpeg:10 belongs to two sweeps), one row per (method, spec).
   assert meta["specs"] == ["clean", "jpeg:10", "jpeg:50", "blur:1@4", "jp2k:100"]
   assert len(rows) == len(results["rows"]) == len(methods) * len(SPECS)
-  # Methods sharing the baseline's trunk run in one pass; stability (its own trunk) alone. One program
-  # per group for the whole sweep.
-  assert set(meta["groups"]["shared"]) == methods - {"stability"} and meta["groups"]["single"] == ["stability"]
-  assert meta["traces"] == {"shared": 1, "single": 1}
+  # Methods sharing the baseline's trunk run in one pass; stability (its own trunk) and the AlexNet alone.
+  # One program per group and architecture for the whole sweep.
+  assert set(meta["groups"]["shared"]) == methods - {"stability", "alexnet_baseline"}
+  assert meta["groups"]["single"] == ["stability", "alexnet_baseline"]
+  assert meta["traces"] == {"shared": 1, "single_vgg16": 1, "single_alexnet": 1}
 
   for spec in SPECS:
     ref = _reference(trained, spec)

@@ -86,6 +86,8 @@ def num_steps(stage: ml_collections.ConfigDict, num_records: int, global_batch: 
   """stage.steps when > 0, else ceil(epochs * records / global batch): the loop only ever sees steps."""
   if stage.steps > 0:
     return int(stage.steps)
+  if stage.epochs <= 0:
+    return 0  # nothing to train: the imported pretrained baseline (config.validate allows no other case)
   return max(1, math.ceil(stage.epochs * num_records / global_batch))
 
 
@@ -302,6 +304,10 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
 
   validating = bool(config.train.eval_every_epoch)
   try:
+    if total == 0:  # imported weights as they are: step 0 is the stage's result
+      mngr.save(0, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_gather_iterator_states(loader.get_state()))),
+          force=True)
     for step in range(start, total):
       batch = next(loader)
       state, metrics = train_step(state, batch)

@@ -6,6 +6,7 @@
   master            the quality-bin classifier on every bin's specs, labels = bins, bins equally weighted.
   da_fc8/67/678     from the baseline, only fc8 / fc6+fc7 / fc6+fc7+fc8 train, on clean + every bin's specs.
   stability         from the baseline, everything trains, clean data, CE + alpha * KL(clean || noisy).
+  alexnet_baseline  AlexNet (config.alexnet_model) from scratch on clean data, for the VGG-vs-AlexNet figure.
   deepcloak         no gradient step: ranks trunk-output channels by their mean |f(clean) - f(degraded)|
                     over record pairs and masks the top mask_ratio of them (feature_mask.npy).
 
@@ -127,7 +128,9 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
   apply_fn = step_lib.slave_apply(model)
   if stage == "baseline":
     if config.model.pretrained:
-      init = dict(init_params=lambda: models.load_pretrained_vgg16(config.model.pretrained, config.model))
+      init = dict(init_params=lambda: models.load_pretrained_vgg16(
+          config.model.pretrained, config.model, num_classes=int(config.data.num_classes),
+          image_size=int(config.data.image_size)))
     else:
       init = dict(init_fn=lambda: model.init({"params": key, "dropout": key}, _dummy(config), train=False)["params"])
     s = config.stages.baseline
@@ -145,6 +148,12 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
     s = config.stages[stage]
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or every_bin,
                     init_params=_from_baseline(workdir, stage), trainable=DA_TRAINABLE[stage], eval_specs=clean)
+  if stage == "alexnet_baseline":
+    alexnet = models.build_slave(config_lib.alexnet_model(config), int(config.data.num_classes), 1)
+    s = config.stages.alexnet_baseline
+    return loop.Job(name=stage, stage=s, apply_fn=step_lib.slave_apply(alexnet),
+                    train_specs=list(s.train_specs) or clean, eval_specs=clean,
+                    init_fn=lambda: alexnet.init({"params": key, "dropout": key}, _dummy(config), train=False)["params"])
   if stage == "stability":
     s = config.stages.stability
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
