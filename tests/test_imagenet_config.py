@@ -85,9 +85,9 @@ def _build_tfds(data_dir: pathlib.Path) -> None:
           "label": tfds.features.ClassLabel(num_classes=10)}))
 
     def _split_generators(self, dl_manager):
-      return {"train": self._generate(32, 0), "validation": self._generate(12, 1)}
+      return {"train": self._generate_examples(32, 0), "validation": self._generate_examples(12, 1)}
 
-    def _generate(self, n, seed):
+    def _generate_examples(self, n, seed):
       rng = np.random.default_rng(seed)
       for i in range(n):
         img = rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)

@@ -168,7 +168,7 @@ def test_stability_loss_matches_numpy():
 def test_stage_names_and_schedule():
   c = tiny_config()
   assert train.stage_names(c) == ["baseline", "branch_jpeg", "branch_jp2k", "master",
-                                  "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak"]
+                                  "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline"]
   s = c.stages.baseline
   s.lr, s.warmup_steps, s.schedule = 1.0, 2, "cosine"
   sched = optim.make_schedule(s, 10)

@@ -116,7 +116,8 @@ def _dw_impl(impl: str, x: Array, dy: Array, kshape: tuple[int, ...], rows: int 
   def chunk(acc: Array, xd: tuple[Array, Array]) -> tuple[Array, None]:
     xc, dyc = xd
     patches = jnp.concatenate(_taps(xc, kh, kw), axis=-1).reshape(-1, kh * kw * c)
-    return acc + jnp.matmul(patches.T, dyc.reshape(-1, d), preferred_element_type=jnp.float32), None
+    # float32 operands: exact for bf16 inputs, and XLA:CPU has no bf16 x bf16 -> f32 dot.
+    return acc + jnp.matmul(patches.T.astype(jnp.float32), dyc.reshape(-1, d).astype(jnp.float32)), None
 
   acc = jnp.zeros((kh * kw * c, d), jnp.float32)
   if per_chunk == b:
