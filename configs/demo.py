@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
   c.model.width = 0.25
   c.model.fc_width = 256
   c.model.norm = "group"
-  c.model.trunk_layers = 7  # conv1_1..conv3_3: the branches (conv4_1..fc8) have room to adapt
+  c.model.trunk_layers = 10
   c.degrade.records_per_shard = 2500
   c.train.global_batch = 128
   c.train.log_every_steps = 25
@@ -33,12 +33,12 @@ def get_config(arg: str | None = None):
   # Fine-tuning stages by exact step counts (a mixture "epoch" would count every spec's records).
   c.stages.branch.steps = 300
   c.stages.branch.lr = 0.02
-  c.stages.master.steps = 150
-  c.stages.master.lr = 0.02
+  c.stages.master.steps = 500
+  c.stages.master.lr = 0.05
   for name in ("da_fc8", "da_fc67", "da_fc678"):
     c.stages[name].steps = 150
   c.stages.stability.steps = 100
-  c.stages.alexnet_baseline.steps = 500  # ~3 epochs of the 20k images, for the VGG-vs-AlexNet figure
+  c.stages.alexnet_baseline.steps = 400  # ~2.5 epochs of the 20k images, for the VGG-vs-AlexNet figure
   c.stages.alexnet_baseline.lr = 0.02
   c.stages.alexnet_baseline.warmup_steps = 100
   c.stages.deepcloak.num_examples = 512

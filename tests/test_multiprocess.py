@@ -122,8 +122,10 @@ def test_killed_process_resumes_from_checkpoint(runs):
   assert runs["interrupted"] and runs["launcher_rc"] != 0, "the killed run should not have completed"
   done = json.loads((runs["multi"] / "train" / "branch_jpeg" / "DONE.json").read_text())
   assert done["resumed_from_step"] >= 4
+  # 30 SGD steps on 2x4 vs 1x8 devices sum gradients in different orders: compare each tensor's relative
+  # L2 error (float32 round-off, ~1e-6 here) rather than elementwise, where tiny weights amplify it.
   for a, b in zip(_params(runs["multi"], "branch_jpeg"), _params(runs["single"], "branch_jpeg"), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-7
 
 
 def test_two_process_evaluation_counts_every_example_once(runs):

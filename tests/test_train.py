@@ -338,3 +338,30 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path, data_root):
   ref, got = _flat(train.load_params(ref_dir, "master")), _flat(train.load_params(w, "master"))
   for k in ref:
     np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  """model.compute_dtype='bfloat16': the step runs (also on XLA:CPU), params and updates stay float32,
+  and the loss is the float32 run's to bf16 precision."""
+  from msnet import models
+  rng = np.random.RandomState(2)
+  batch = {"image": rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8), "label": rng.randint(0, 10, 8).astype(np.int32)}
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  losses_by_dtype = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_config()
+    config.model.compute_dtype = dtype
+    model = models.build_slave(config.model, config.data.num_classes, 1)
+    params = jax.device_get(jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8)),
+                                    compiler_options={"xla_backend_optimization_level": 0})()["params"])
+    abstract = jax.eval_shape(lambda: params)
+    tx, schedule = optim.make_optimizer(config.stages.baseline, 10, abstract)
+    sh = state_lib.state_shardings(state_lib.abstract_state(abstract, tx), mesh, config.sharding_rules)
+    state = state_lib.state_from_params(params, tx, sh)
+    fn = step_lib.make_train_step(step_lib.slave_apply(model), tx, schedule, optim.trainable_mask(abstract, [".*"]),
+                                  mesh, sh, jax.random.key(3))
+    state, metrics = fn(state, jax.device_put(batch, parallel.data_sharding(mesh)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert np.isfinite(float(metrics["loss"]))
+    losses_by_dtype[dtype] = float(metrics["loss"])
+  np.testing.assert_allclose(losses_by_dtype["bfloat16"], losses_by_dtype["float32"], rtol=0.05)
