@@ -1,7 +1,7 @@
 r"""Put a finished demo's Table 1, one figure and its wall times into README.md (nothing typed in by hand).
 
   msnet demo --workdir=msnet-demo
-  python benchmarks/demo_to_readme.py --workdir=msnet-demo --seconds=<wall time of the command>
+  python benchmarks/demo_to_readme.py --workdir=msnet-demo --seconds=<wall time of README command (1)>
 
 Copies W/report/fig3.png to benchmarks/results/demo/ and replaces the block between the
 `<!-- DEMO-RESULTS -->` markers of README.md with the table (from W/report/table1.csv), the split of the
@@ -41,7 +41,8 @@ def block(workdir: pathlib.Path, seconds: float) -> str:
   timings = json.loads((workdir / "timings.json").read_text())
   lines = [BEGIN, "", "## Demo results", "",
            f"`msnet demo` on {os.cpu_count()} CPU cores ({_cpu_name()}), no accelerator: "
-           f"{seconds / 60:.1f} minutes wall time for the whole command, from a fresh workdir. "
+           f"{seconds / 60:.1f} minutes wall time for command (1) above, run in a clean clone (fresh venv and "
+           "pip install included). "
            "Table 1 of this run (top-1 %, 1,000 CIFAR-10 test images, narrow VGG-16 trained for minutes; "
            "c, d = baseline clean / JPEG-10, c', d' = the method's, % change = (d' - d) / (c - d)):", "",
            "| method | c | d | c' | d' | % change |", "|---|---|---|---|---|---|"]
@@ -58,7 +59,7 @@ def block(workdir: pathlib.Path, seconds: float) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", type=pathlib.Path, required=True)
-  parser.add_argument("--seconds", type=float, required=True, help="wall time of `msnet demo`")
+  parser.add_argument("--seconds", type=float, required=True, help="wall time of README command (1), install included")
   args = parser.parse_args()
   out = ROOT / "benchmarks" / "results" / "demo"
   out.mkdir(parents=True, exist_ok=True)
