@@ -37,13 +37,13 @@ def render_grid(workdir: str | os.PathLike[str], split: str, spec: str, n: int,
   tile_w, tile_h = max(w * scale, 120) + 6, h * scale + 4 * _LINE + 8  # + gaps between tiles
   cols = math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
-  title_h = 2 * _LINE + 6
+  title_h = 3 * _LINE + 6
   canvas = PIL.Image.new("RGB", (cols * tile_w, title_h + rows * tile_h), "white")
   draw = PIL.ImageDraw.Draw(canvas)
   font = PIL.ImageFont.load_default()
   draw.text((4, 2), f"{spec}  ({split}, {len(source)} records, {w}x{h} px shown x{scale})", fill="black", font=font)
-  draw.text((4, 2 + _LINE), "label #source index, quality bin, PSNR vs source, bits/pixel (q~ = JPEG quality "
-            "read from the bitstream)", fill="gray", font=font)
+  draw.text((4, 2 + _LINE), "label #source index, quality bin, PSNR vs source,", fill="gray", font=font)
+  draw.text((4, 2 + 2 * _LINE), "bits/pixel (q~ = JPEG quality read from the bitstream)", fill="gray", font=font)
   for k, r in enumerate(records):
     x, y = (k % cols) * tile_w, title_h + (k // cols) * tile_h
     image = PIL.Image.fromarray(np.asarray(r["image"])).resize((w * scale, h * scale), PIL.Image.Resampling.NEAREST)
