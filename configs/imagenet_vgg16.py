@@ -47,6 +47,9 @@ def get_config(arg: str | None = None):
   for name in ("da_fc8", "da_fc67", "da_fc678", "stability"):
     c.stages[name].epochs = 1
     c.stages[name].lr = 0.001
+  # No AlexNet baseline here: msnet imports pretrained VGG-16 weights only, and training AlexNet on ImageNet
+  # from scratch is a project of its own.
+  c.comparisons = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak")
   c.mesh = (("data", -1), ("model", int(args.get("model_axis", 1))))
   c.sharding_rules = ((r"branches/fc[67]/kernel", "model"), (".*", "replicate"))
   if args.get("runlocal"):
