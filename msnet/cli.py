@@ -1,6 +1,6 @@
 """The `msnet` command line: subcommands over one config and one workdir. No experiment logic here.
 
-  msnet degrade  --config=configs/demo.py[:runlocal] --workdir=W [--config.a.b=value ...]
+  msnet degrade  --config=configs/demo.py[:runlocal] --workdir=W [--config.a.b=value ...] [--merge]
   msnet show     --workdir=W --spec=jpeg:10 --n=16 --out=grid.png
   msnet train    --config=... --workdir=W [--stage=baseline]   (all stages when --stage is not given)
   msnet evaluate --config=... --workdir=W
@@ -33,6 +33,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Working directory (local path o
 _STAGE = flags.DEFINE_multi_string("stage", None, "train: only these stages (default: all, in order).")
 _SPEC = flags.DEFINE_string("spec", "jpeg:10", "show: the degradation spec to show.")
 _SPLIT = flags.DEFINE_string("split", None, "show: source split (default: config.data.eval_split).")
+_MERGE = flags.DEFINE_bool("merge", False, "degrade: only check every part's shards (sha256) and merge the "
+                           "manifest parts of a job split over machines into W/data/manifest.json.")
 _N = flags.DEFINE_integer("n", 16, "show: number of examples.")
 _OUT = flags.DEFINE_string("out", None, "show: output PNG path (default: W/show-<spec>.png).")
 
@@ -90,7 +92,7 @@ def _main(argv: list[str]) -> None:
     _write_config(cfg, workdir)
 
   if command == "degrade":
-    pipeline.degrade(cfg, workdir)
+    pipeline.degrade(cfg, workdir, merge_only=_MERGE.value)
   elif command == "show":
     out = pathlib.Path(_OUT.value) if _OUT.value else None
     pipeline.show(cfg, workdir, spec=_SPEC.value, n=_N.value, out=out, split=_SPLIT.value)

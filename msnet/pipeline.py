@@ -36,8 +36,12 @@ def _timed(workdir: pathlib.Path, name: str, fn: Callable[[], object]) -> object
   return out
 
 
-def degrade(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def degrade(config: ml_collections.ConfigDict, workdir: pathlib.Path, merge_only: bool = False) -> None:
   from msnet.data import degrade as degrade_lib
+  if merge_only:  # parts written by several machines: verify every shard's sha256, write manifest.json
+    manifest = degrade_lib.merge_manifests(workdir, verify=True)
+    _log(f"merged {manifest['num_parts']} manifest parts into {workdir / 'data' / 'manifest.json'}")
+    return
   _timed(workdir, "degrade", lambda: degrade_lib.run_degrade(config, workdir))
 
 

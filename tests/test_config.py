@@ -96,3 +96,23 @@ def test_config_json_round_trip(path):
   assert back.bins[1].name == c.bins[1].name
   assert list(back.bins[1].train_specs) == list(c.bins[1].train_specs)
   assert config_lib.to_json(back) == config_lib.to_json(c)
+
+
+def test_cli_degrade_split_over_two_machines_then_merge(tmp_path):
+  """Two `msnet degrade` parts (num_shards=2) write disjoint shards; `--merge` checks them and writes the
+  manifest, equal to the one the last part wrote."""
+  import json
+  workdir = tmp_path / "w"
+  common = (f"--config={ROOT / 'configs' / 'demo.py'}:runlocal", f"--workdir={workdir}",
+            "--config.data.max_train_examples=64", "--config.data.max_eval_examples=32",
+            "--config.degrade.num_workers=0", "--config.degrade.num_shards=2")
+  for part in (0, 1):
+    result = _msnet("degrade", *common, f"--config.degrade.shard_index={part}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+  manifest = workdir / "data" / "manifest.json"
+  merged_by_last_part = json.loads(manifest.read_text())
+  manifest.unlink()
+  result = _msnet("degrade", *common, "--merge", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(manifest.read_text()) == merged_by_last_part
+  assert merged_by_last_part["num_parts"] == 2
