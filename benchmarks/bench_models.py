@@ -74,14 +74,18 @@ def bench_layers(batch: int, width: float, reps: int) -> None:
     print(f"{size:2d}x{size:<2d} {cin:3d}->{cout:3d} ({gflop:.2f} GFLOP): " + " ".join(cells), flush=True)
 
 
-def model_steps(width: float, batch: int, k: int, policy: L.ConvPolicy):
-  """(forward, train step) zero-argument closures for the CIFAR VGG-16 slave, compiled and warmed up."""
+def model_steps(width: float, batch: int, k: int, policy: L.ConvPolicy, *, variant: str = "cifar",
+                size: int = 32, classes: int = 10, fc_width: int | None = None):
+  """(forward, train step) zero-argument closures for a VGG-16 slave (default: CIFAR, 32x32), compiled and
+  warmed up."""
   cfg = config.base_config().model
-  cfg.width = width
-  model = build_slave(cfg, 10, k, policy=policy)
+  cfg.width, cfg.variant = width, variant
+  if fc_width is not None:
+    cfg.fc_width = fc_width
+  model = build_slave(cfg, classes, k, policy=policy)
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
-  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  x = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+  y = jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x)["params"]
   tx = optax.sgd(0.01, momentum=0.9)
 

@@ -20,7 +20,6 @@ msnet runs its measured CPU conv policy (CPU_POLICY). GFLOP/s from msnet.models.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -32,10 +31,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import model_steps  # noqa: E402  (the CIFAR steps; shared with bench_models)
+from bench_models import model_steps  # noqa: E402  (the jitted steps; shared with bench_models)
 
 from msnet import config  # noqa: E402
 from msnet.models import CPU_POLICY, build_slave, flops_per_image  # noqa: E402
@@ -61,38 +59,6 @@ def forward_gflop(variant: str, size: int, classes: int, fc_width: int) -> float
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
   return flops_per_image(model, shapes, size) / 1e9
-
-
-def imagenet_steps(batch: int, size: int, classes: int, fc_width: int) -> tuple[Callable, Callable]:
-  """(forward, train step) closures of the 224x224 VGG-16, compiled and warmed up.
-
-  bench_models.model_steps is fixed to the CIFAR variant at 32x32; this is its 224x224 counterpart.
-  """
-  model = build_slave(slave_cfg("imagenet", fc_width), classes, 1, policy=CPU_POLICY)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
-  y = jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x)["params"]
-  tx = optax.sgd(0.01, momentum=0.9)
-
-  def loss(p):
-    logits = model.apply({"params": p}, x, train=True)[0]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(p, o):
-    value, grads = jax.value_and_grad(loss)(p)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, value
-
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  state = [params, tx.init(params)]
-
-  def train():
-    state[:] = step(*state)[:2]
-    return state
-
-  return (lambda: forward(state[0], x)), train
 
 
 def torch_steps(size: int, batch: int, classes: int, fc_width: int) -> tuple[Callable, Callable]:
@@ -186,7 +152,8 @@ def main() -> None:
     if variant == "cifar":
       jfwd, jtrain = model_steps(1.0, batch, 1, CPU_POLICY)  # compiled and warmed there
     else:
-      jfwd, jtrain = imagenet_steps(batch, size, classes, fc)
+      jfwd, jtrain = model_steps(1.0, batch, 1, CPU_POLICY, variant="imagenet", size=size, classes=classes,
+                                 fc_width=fc)
       jax.block_until_ready(jfwd())
       if train224:
         jax.block_until_ready(jtrain())
