@@ -471,8 +471,11 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
   # Methods with a trunk of their own: one jitted step per architecture (VGG-16: stability; AlexNet).
   single, steps = {}, {}
   for m, p in own.items():
-    arch_cfg = config_lib.alexnet_model(config) if m == "alexnet_baseline" else config.model
-    model = single_model if m != "alexnet_baseline" else models.build_slave(arch_cfg, num_classes, 1)
+    if m == "alexnet_baseline":
+      arch_cfg = config_lib.alexnet_model(config)
+      model = models.build_slave(arch_cfg, num_classes, 1)
+    else:
+      arch_cfg, model = config.model, single_model
     expected = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
                                                  jnp.zeros((1, size, size, 3), jnp.uint8))["params"])
     if jax.tree.structure(p) != jax.tree.structure(expected):

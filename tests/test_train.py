@@ -98,25 +98,39 @@ def _flat(tree):
   return {optim.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-# (1) 8 devices == 1 device, one compilation.
-def test_step_on_8_devices_matches_1_device_and_compiles_once():
+def _model_and_params(config):
+  """The K=1 slave of `config` and its init params on the host.
+
+  Init is compiled without backend optimisations, as the trainer does: truncated normals compile slowly.
+  """
   from msnet import models
-  config = tiny_config()
   model = models.build_slave(config.model, config.data.num_classes, 1)
-  # (Init compiled without backend optimisations, as the trainer does: truncated normals compile slowly.)
   params = jax.device_get(jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8)),
                                   compiler_options={"xla_backend_optimization_level": 0})()["params"])
+  return model, params
+
+
+def _state_and_step(config, model, params, mesh):
+  """A fresh train state of `params` placed on `mesh` and the jitted baseline train step."""
+  abstract = jax.eval_shape(lambda: params)
+  tx, schedule = optim.make_optimizer(config.stages.baseline, 10, abstract)
+  sh = state_lib.state_shardings(state_lib.abstract_state(abstract, tx), mesh, config.sharding_rules)
+  state = state_lib.state_from_params(params, tx, sh)
+  fn = step_lib.make_train_step(step_lib.slave_apply(model), tx, schedule, optim.trainable_mask(abstract, [".*"]),
+                                mesh, sh, jax.random.key(3))
+  return state, fn
+
+
+# (1) 8 devices == 1 device, one compilation.
+def test_step_on_8_devices_matches_1_device_and_compiles_once():
+  config = tiny_config()
+  model, params = _model_and_params(config)
   rng = np.random.RandomState(1)
   batches = [{"image": rng.randint(0, 256, (16, 32, 32, 3)).astype(np.uint8),
               "label": rng.randint(0, 10, 16).astype(np.int32)} for _ in range(3)]
 
   def run(mesh):
-    abstract = jax.eval_shape(lambda: params)
-    tx, schedule = optim.make_optimizer(config.stages.baseline, 10, abstract)
-    sh = state_lib.state_shardings(state_lib.abstract_state(abstract, tx), mesh, config.sharding_rules)
-    state = state_lib.state_from_params(params, tx, sh)
-    fn = step_lib.make_train_step(step_lib.slave_apply(model), tx, schedule, optim.trainable_mask(abstract, [".*"]),
-                                  mesh, sh, jax.random.key(3))
+    state, fn = _state_and_step(config, model, params, mesh)
     out = []
     for b in batches:
       state, m = fn(state, jax.device_put(b, parallel.data_sharding(mesh)))
@@ -343,7 +357,6 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path, data_root):
 def test_bfloat16_compute_keeps_float32_params():
   """model.compute_dtype='bfloat16': the step runs (also on XLA:CPU), params and updates stay float32,
   and the loss is the float32 run's to bf16 precision."""
-  from msnet import models
   rng = np.random.RandomState(2)
   batch = {"image": rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8), "label": rng.randint(0, 10, 8).astype(np.int32)}
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
@@ -351,15 +364,7 @@ def test_bfloat16_compute_keeps_float32_params():
   for dtype in ("float32", "bfloat16"):
     config = tiny_config()
     config.model.compute_dtype = dtype
-    model = models.build_slave(config.model, config.data.num_classes, 1)
-    params = jax.device_get(jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8)),
-                                    compiler_options={"xla_backend_optimization_level": 0})()["params"])
-    abstract = jax.eval_shape(lambda: params)
-    tx, schedule = optim.make_optimizer(config.stages.baseline, 10, abstract)
-    sh = state_lib.state_shardings(state_lib.abstract_state(abstract, tx), mesh, config.sharding_rules)
-    state = state_lib.state_from_params(params, tx, sh)
-    fn = step_lib.make_train_step(step_lib.slave_apply(model), tx, schedule, optim.trainable_mask(abstract, [".*"]),
-                                  mesh, sh, jax.random.key(3))
+    state, fn = _state_and_step(config, *_model_and_params(config), mesh)
     state, metrics = fn(state, jax.device_put(batch, parallel.data_sharding(mesh)))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert np.isfinite(float(metrics["loss"]))
