@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from msnet import config, decision  # noqa: E402
-from msnet.models import CPU_POLICY, Slave, build_master, build_slave, flops_per_image  # noqa: E402
+from msnet.models import (CPU_POLICY, Slave, build_master, build_slave, compiler_options,  # noqa: E402
+                          flops_per_image)
 from msnet.models.layers import Stack  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "decision.json")
@@ -109,7 +110,7 @@ def rule_fns(k: int, width: float, batch: int, base: tuple, slave: tuple, master
     fns["baseline"] = lambda x: out(jax.nn.softmax(base_model.apply({"params": base_params}, x)[0], axis=-1))
     fns["map"] = lambda x: out(decision.map_rule(model.apply({"params": params}, x),
                                                  mmodel.apply({"params": mparams}, x)))
-  return {name: jax.jit(f) for name, f in fns.items()}
+  return {name: jax.jit(f, compiler_options=compiler_options()) for name, f in fns.items()}
 
 
 def check_dispatch(slave: tuple, batch: int, x: Array) -> float:

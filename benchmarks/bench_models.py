@@ -19,13 +19,14 @@ import argparse
 import functools
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from msnet import config
-from msnet.models import CPU_POLICY, XLA_POLICY, build_slave
+from msnet.models import CPU_POLICY, XLA_POLICY, build_slave, compiler_options
 from msnet.models import layers as L
 
 VGG_CONVS = [(32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256), (8, 256, 256),
@@ -42,10 +43,13 @@ def best_ms(f, *args, reps: int) -> float:
   return 1e3 * min(times)
 
 
-def bench_layers(batch: int, width: float, reps: int) -> None:
+def bench_layers(batch: int, width: float, reps: int, image: int = 32, ynn: bool = False) -> None:
   rng = np.random.default_rng(0)
-  print(f"\n# per-layer ms, batch {batch}, width {width} (best of {reps}); * = the CPU policy's choice")
+  jit = functools.partial(jax.jit, compiler_options={} if ynn else compiler_options())
+  print(f"\n# per-layer ms, {image}x{image} input, batch {batch}, width {width} (best of {reps}), "
+        f"{'YNNPACK' if ynn else 'Eigen'} convs; * = the CPU policy's choice")
   for size, cin, cout in VGG_CONVS:
+    size = size * image // 32
     cin = cin if cin == 3 else L.scaled(cin, width)
     cout = L.scaled(cout, width)
     x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
@@ -53,31 +57,41 @@ def bench_layers(batch: int, width: float, reps: int) -> None:
     dy = jnp.asarray(rng.normal(size=(batch, size, size, cout)), jnp.float32)
     k_t = jnp.flip(k, (0, 1)).swapaxes(2, 3)
     chosen = {p: CPU_POLICY.pick(getattr(CPU_POLICY, p), size) for p in ("fwd", "dx", "dw")}
-    if cin <= CPU_POLICY.fwd_im2col_cin:
-      chosen["fwd"] = "im2col"
     cells = []
     for impl in L.IMPLS:
-      t = best_ms(jax.jit(lambda x, k, i=impl: L._fwd_impl(i, x, k)), x, k, reps=reps)
+      t = best_ms(jit(lambda x, k, i=impl: L._fwd_impl(i, x, k)), x, k, reps=reps)
       cells.append(f"fwd_{impl}={t:.1f}{'*' if chosen['fwd'] == impl else ''}")
     if cin > 3:  # the first layer needs no input gradient
       for impl in L.IMPLS:
         if impl == "xla":
-          f = jax.jit(lambda x, k, d: jax.vjp(lambda x: L._fwd_impl("xla", x, k), x)[1](d)[0])
+          f = jit(lambda x, k, d: jax.vjp(lambda x: L._fwd_impl("xla", x, k), x)[1](d)[0])
           t = best_ms(f, x, k, dy, reps=reps)
         else:
-          t = best_ms(jax.jit(lambda d, kt, i=impl: L._fwd_impl(i, d, kt)), dy, k_t, reps=reps)
+          t = best_ms(jit(lambda d, kt, i=impl: L._fwd_impl(i, d, kt)), dy, k_t, reps=reps)
         cells.append(f"dx_{impl}={t:.1f}{'*' if chosen['dx'] == impl else ''}")
     for impl in L.IMPLS:
-      f = jax.jit(lambda x, d, i=impl: L._dw_impl(i, x, d, k.shape, CPU_POLICY.dw_rows))
+      f = jit(lambda x, d, i=impl: L._dw_impl(i, x, d, k.shape, CPU_POLICY.dw_rows))
       cells.append(f"dw_{impl}={best_ms(f, x, dy, reps=reps):.1f}{'*' if chosen['dw'] == impl else ''}")
     gflop = 2 * batch * size * size * 9 * cin * cout / 1e9
     print(f"{size:2d}x{size:<2d} {cin:3d}->{cout:3d} ({gflop:.2f} GFLOP): " + " ".join(cells), flush=True)
+  print(f"\n# 2x2/2 max pool backward ms (nn.max_pool's select-and-scatter vs msnet's block max)")
+  for size, _, cout in VGG_CONVS[1::2] + VGG_CONVS[-1:]:
+    size, cout = size * image // 32, L.scaled(cout, width)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, cout)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(batch, size // 2, size // 2, cout)), jnp.float32)
+    cells = []
+    for name, pool in (("nn", lambda x: nn.max_pool(x, (2, 2), (2, 2))), ("msnet", lambda x: L.max_pool(x, 2, 2))):
+      f = jit(lambda x, d, p=pool: jax.vjp(p, x)[1](d)[0])
+      cells.append(f"{name}={best_ms(f, x, dy, reps=reps):.1f}")
+    print(f"{size:2d}x{size:<2d} {cout:3d}: " + " ".join(cells), flush=True)
 
 
 def model_steps(width: float, batch: int, k: int, policy: L.ConvPolicy, *, variant: str = "cifar",
-                size: int = 32, classes: int = 10, fc_width: int | None = None):
+                size: int = 32, classes: int = 10, fc_width: int | None = None,
+                xla_options: dict[str, str] | None = None):
   """(forward, train step) zero-argument closures for a VGG-16 slave (default: CIFAR, 32x32), compiled and
-  warmed up."""
+  warmed up; `xla_options` defaults to msnet's `compiler_options()` ({} = XLA's defaults)."""
+  opts = compiler_options() if xla_options is None else xla_options
   cfg = config.base_config().model
   cfg.width, cfg.variant = width, variant
   if fc_width is not None:
@@ -93,13 +107,13 @@ def model_steps(width: float, batch: int, k: int, policy: L.ConvPolicy, *, varia
     logits = model.apply({"params": p}, x, train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(y, logits.shape[:2])).mean()
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=opts)
   def step(p, o):
     value, grads = jax.value_and_grad(loss)(p)
     updates, o = tx.update(grads, o, p)
     return optax.apply_updates(p, updates), o, value
 
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x), compiler_options=opts)
   state = [params, tx.init(params)]
 
   def train():
@@ -133,6 +147,8 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--only", choices=["layers", "models"])
   ap.add_argument("--batch", type=int)
+  ap.add_argument("--image", type=int, default=32, help="layers: input size (224: the ImageNet VGG-16's layers)")
+  ap.add_argument("--ynn", action="store_true", help="layers: XLA's default YNNPACK convs instead of Eigen")
   ap.add_argument("--reps", type=int)
   ap.add_argument("--xla", action="store_true", help="also time the models with plain XLA convs")
   a = ap.parse_args()
@@ -141,7 +157,7 @@ def main() -> None:
   widths = [0.25] if a.quick else [1.0, 0.25]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
   if a.only in (None, "layers"):
-    bench_layers(batch, widths[0], reps)
+    bench_layers(batch, widths[0], reps, a.image, a.ynn)
   if a.only in (None, "models"):
     bench_models(widths, batch, reps, a.xla)
 

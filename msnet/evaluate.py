@@ -55,6 +55,7 @@ import tqdm
 from msnet import config as config_lib, decision, degradations, models, parallel
 from msnet import train as train_lib
 from msnet.data import loader, shards
+from msnet.models import compiler_options
 
 ROW_FIELDS = ("method", "spec", "sweeps", "kind", "level", "codec", "codec_level", "pre", "top1", "top5", "n",
               "correct1", "correct5", "ci95_low", "ci95_high", "psnr", "bpp")
@@ -226,7 +227,8 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
     return out
 
   repl = parallel.replicated(mesh)
-  return jax.jit(step, in_shardings=(repl, *shardings, repl, parallel.data_sharding(mesh)), out_shardings=repl)
+  return jax.jit(step, in_shardings=(repl, *shardings, repl, parallel.data_sharding(mesh)), out_shardings=repl,
+                 compiler_options=compiler_options())
 
 
 def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int], name: str = "single"
@@ -240,7 +242,8 @@ def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[s
             "n": acc["n"] + jnp.sum(batch["mask"], dtype=jnp.int32)}
 
   repl = parallel.replicated(mesh)
-  return jax.jit(step, in_shardings=(repl, param_shardings, parallel.data_sharding(mesh)), out_shardings=repl)
+  return jax.jit(step, in_shardings=(repl, param_shardings, parallel.data_sharding(mesh)), out_shardings=repl,
+                 compiler_options=compiler_options())
 
 
 def _fetch(tree: Any) -> Any:

@@ -1,6 +1,7 @@
 """Models: fast conv == lax.conv_general_dilated, the slave's param layout and vmapped branches, the master,
 analytic FLOPs and receptive fields. Small widths, batch 2, 32x32."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +10,12 @@ import pytest
 from msnet import config
 from msnet.models import (CPU_POLICY, XLA_POLICY, ConvPolicy, build_master, build_slave, conv2d,
                           flops_per_image, layer_flops, normalize_input, receptive_fields, tile_branches)
+from msnet import models
 from msnet.models import layers
 
 ALL_IM2COL = ConvPolicy(fwd=((1 << 30, "im2col"),), dx=((1 << 30, "im2col"),), dw=((1 << 30, "im2col"),),
                         dw_rows=64)
-ALL_SHIFT = ConvPolicy(fwd=((1 << 30, "shift"),), dx=((1 << 30, "shift"),), dw=((1 << 30, "shift"),),
-                       fwd_im2col_cin=0)
+ALL_SHIFT = ConvPolicy(fwd=((1 << 30, "shift"),), dx=((1 << 30, "shift"),), dw=((1 << 30, "shift"),))
 
 
 def small_cfg(**kw):
@@ -47,9 +48,9 @@ def normal(seed, shape):
 
 
 @pytest.mark.parametrize("policy,shape", [
-    (CPU_POLICY, (3, 8, 8, 3, 16, 3)),  # dw by chunked im2col (a scan over 3 chunks)
-    (CPU_POLICY, (2, 2, 2, 16, 8, 3)),  # everything by im2col
-    (ALL_IM2COL, (4, 4, 4, 8, 8, 3)),
+    (CPU_POLICY, (3, 8, 8, 3, 16, 3)),  # plain lax conv
+    (CPU_POLICY, (2, 2, 2, 16, 8, 3)),  # forward and dx by im2col, dw by XLA, through the custom VJP
+    (ALL_IM2COL, (4, 4, 4, 8, 8, 3)),  # dw by chunked im2col (a scan over 4 chunks)
     (ALL_IM2COL, (2, 5, 5, 4, 6, 5)),
     (ALL_SHIFT, (2, 4, 4, 4, 6, 3)),
     (ALL_SHIFT, (2, 3, 3, 4, 6, 1)),
@@ -68,6 +69,32 @@ def test_fast_conv_matches_lax_fwd_and_grads(policy, shape):
   got, want = grad(x, kernel, policy), grad(x, kernel, XLA_POLICY)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4 * float(jnp.abs(r).max()))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 4), (3, 7, 5, 2)])  # odd sizes: VALID drops the last row/col
+def test_block_max_pool_equals_nn_max_pool_with_ties(shape):
+  """Values and gradients bit-equal to nn.max_pool (XLA's select-and-scatter), also where a window holds
+  several maxima: ReLU zeros and rounded values (the gradient goes to the first maximum of each window)."""
+  x = normal(1, shape)
+  dy = normal(2, (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+  for xx in (x, jax.nn.relu(x), jnp.round(x)):
+    want, want_vjp = jax.vjp(lambda v: nn.max_pool(v, (2, 2), (2, 2)), xx)
+    got, got_vjp = jax.vjp(lambda v: layers.max_pool(v, 2, 2, policy=CPU_POLICY), xx)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_vjp(dy)[0], want_vjp(dy)[0])
+  # overlapping windows (AlexNet's 3x3/2) keep nn.max_pool
+  np.testing.assert_array_equal(layers.max_pool(x, 3, 2, policy=CPU_POLICY), nn.max_pool(x, (3, 3), (2, 2)))
+
+
+def test_compiler_options_select_eigen_convs_with_the_same_result():
+  """compiler_options() must still be understood by this jaxlib (an unknown option is an error, a renamed
+  enum would silently bring back YNNPACK convs): no YNNPACK conv fusion in the compiled step, same values."""
+  x, kernel = normal(1, (2, 16, 16, 32)), normal(2, (3, 3, 32, 32))  # smaller convs do not go to YNNPACK
+  f = lambda x, k: conv2d(x, k, policy=XLA_POLICY)  # noqa: E731
+  fast = jax.jit(f, compiler_options=models.compiler_options())
+  assert "__ynn_fusion" in jax.jit(f).lower(x, kernel).compile().as_text()  # XLA's default, what we turn off
+  assert "__ynn_fusion" not in fast.lower(x, kernel).compile().as_text()
+  np.testing.assert_allclose(fast(x, kernel), jax.jit(f)(x, kernel), rtol=1e-5, atol=1e-4)
 
 
 def test_other_convs_go_to_lax():

@@ -2,13 +2,14 @@
 CPU conv, pretrained VGG-16 import, and analytic FLOPs / receptive fields."""
 
 from msnet.models.analysis import flops_per_image, layer_flops, receptive_fields
-from msnet.models.layers import Conv, ConvPolicy, CPU_POLICY, XLA_POLICY, LayerSpec, conv2d, normalize_input
+from msnet.models.layers import (CPU_POLICY, XLA_POLICY, Conv, ConvPolicy, LayerSpec, compiler_options, conv2d,
+                                 normalize_input)
 from msnet.models.master import Master, build_master
 from msnet.models.pretrained import load_pretrained_vgg16
 from msnet.models.slave import Slave, build_slave, model_table, tile_branches
 
 __all__ = [
     "CPU_POLICY", "Conv", "ConvPolicy", "LayerSpec", "Master", "Slave", "XLA_POLICY", "build_master",
-    "build_slave", "conv2d", "flops_per_image", "layer_flops", "load_pretrained_vgg16", "model_table",
+    "build_slave", "compiler_options", "conv2d", "flops_per_image", "layer_flops", "load_pretrained_vgg16", "model_table",
     "normalize_input", "receptive_fields", "tile_branches",
 ]

@@ -1,21 +1,26 @@
-"""Convolution that is fast on XLA:CPU without changing the math, and the small layers the nets share.
+"""Convolution and pooling that are fast on XLA:CPU without changing the math, and the small layers the nets share.
 
-XLA:CPU lowers a 3x3 convolution on 2x2 maps to a kernel that runs at ~3 GFLOP/s, about 100x slower than
-the same sum written as matmuls, and its backward convolutions at 16x16-32x32 are 2-3x slower than
-they could be (see ../shared/reference/cpu-performance.md and benchmarks/bench_models.py). `conv2d`
-therefore picks, per layer and by the input's spatial size, one of a few formulations of the same
-stride-1 SAME convolution, and gives it a hand-written backward pass (custom VJP) built from the same
-fast pieces. Everything else (strided, VALID, non-square) goes to `lax.conv_general_dilated`.
+Three things make the CPU fast (each measured in benchmarks/bench_models.py and bench_ablation.py):
+- `compiler_options()`: every jit that runs a model compiles its convolutions with Eigen instead of
+  YNNPACK (XLA:CPU's default in jaxlib 0.10.2), 1.2-3.6x faster for VGG's 3x3 convs here.
+- `conv2d`: XLA:CPU lowers a 3x3 convolution on 2x2 maps to a kernel that runs at ~3 GFLOP/s, ~100x slower
+  than the same sum written as one matmul (see ../shared/reference/cpu-performance.md). `conv2d` picks,
+  per layer and by the input's spatial size, one of a few formulations of the same stride-1 SAME
+  convolution, with a hand-written backward pass (custom VJP) built from the same pieces. Everything else
+  (strided, VALID, non-square) goes to `lax.conv_general_dilated`.
+- `max_pool`: 2x2/2 pooling as a reshape + max whose gradient is one elementwise pass, instead of XLA:CPU's
+  select-and-scatter (6-20x slower backward at VGG's sizes); the same values and gradients, ties included.
 
 Formulations (all compute sum_{i,j,c} xpad[b, h+i, w+j, c] * k[i, j, c, d]):
   "xla":    lax.conv_general_dilated.
   "shift":  kh*kw shifted matmuls (einsum per tap), summed.
   "im2col": the kh*kw shifted views concatenated on channels, one [B*H*W, kh*kw*C] @ [kh*kw*C, D] matmul
             (for the kernel gradient: patches^T @ dy, accumulated over batch chunks by a scan).
-The CPU policy (measured at 32x32, batch 128, VGG-16 widths 1.0 and 0.25): forward and input gradient
-by XLA, except im2col on maps <= 2x2 (70-150x faster there) and for the RGB input layer's forward; the
-kernel gradient by chunked im2col everywhere (2-4x faster than XLA's at 8x8-32x32, equal at <= 4x4).
-On other backends every conv is plain XLA. `shift` is kept as a tested alternative; it never won.
+The CPU policy (with Eigen convs; measured at 32x32 batch 128 and 224x224 batch 8): XLA for every pass,
+except im2col for the forward and input gradient on maps <= 2x2. On other backends every conv and pool is
+plain XLA. `shift` and the chunked im2col kernel gradient are tested alternatives that win only with
+YNNPACK convs (the im2col gradient was the policy before Eigen); Winograd F(2x2,3x3) and F(4x4,3x3) were
+measured too and lost to Eigen at every layer, so they are not kept.
 """
 
 from __future__ import annotations
@@ -37,20 +42,20 @@ IMPLS = ("xla", "shift", "im2col")
 
 @dataclasses.dataclass(frozen=True)
 class ConvPolicy:
-  """Which formulation runs each pass of a stride-1 SAME conv, by input spatial size (max of H, W).
+  """Which formulation runs each pass of a stride-1 SAME conv, by input spatial size (max of H, W), and
+  which max pool runs.
 
   `fwd`, `dx`, `dw` are tuples of (max_size, impl); a pass uses the first entry whose bound is >= the
   map size. `dw_rows`: the im2col kernel gradient runs over batch chunks of about this many output
-  pixels (a scan), which keeps the patch matrix in cache: 2-4x faster than one big matmul or XLA's
-  backward conv at 8x8-32x32 on the project CPU. `fwd_im2col_cin`: inputs with at most this many
-  channels (the RGB layer) run the forward as im2col at any size (1.4-5x faster than XLA's conv there).
-  Chosen by measurement (benchmarks/bench_models.py).
+  pixels (a scan), which keeps the patch matrix in cache. `block_pool`: 2x2/2 max pools as a reshape + max with an elementwise gradient (6-20x faster backward
+  than XLA:CPU's select-and-scatter). Chosen by measurement (benchmarks/bench_models.py,
+  benchmarks/bench_ablation.py).
   """
   fwd: tuple[tuple[int, str], ...] = ((2, "im2col"), (1 << 30, "xla"))
   dx: tuple[tuple[int, str], ...] = ((2, "im2col"), (1 << 30, "xla"))
-  dw: tuple[tuple[int, str], ...] = ((1 << 30, "im2col"),)
+  dw: tuple[tuple[int, str], ...] = ((1 << 30, "xla"),)
   dw_rows: int = 2048
-  fwd_im2col_cin: int = 4
+  block_pool: bool = True
 
   def pick(self, table: tuple[tuple[int, str], ...], size: int) -> str:
     for bound, impl in table:
@@ -61,7 +66,19 @@ class ConvPolicy:
 
 CPU_POLICY = ConvPolicy()
 XLA_POLICY = ConvPolicy(fwd=((1 << 30, "xla"),), dx=((1 << 30, "xla"),), dw=((1 << 30, "xla"),),
-                        fwd_im2col_cin=0)
+                        block_pool=False)
+
+# XLA:CPU (jaxlib 0.10.2) hands convolutions to YNNPACK by default. Eigen's convolutions, which XLA uses
+# without it, are faster for every 3x3 conv of the CIFAR VGG-16 on the project CPU: 2.2x forward and 3.6x
+# forward+backward at 32x32x64, 1.2-1.3x at 4x4-16x16 (benchmarks/bench_models.py, bench_ablation.py).
+# Dots stay on YNNPACK. Passed per jit (`jax.jit(..., compiler_options=compiler_options())`), so nothing
+# process-wide changes.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def compiler_options() -> dict[str, str]:
+  """XLA options for every jit that runs a model: Eigen convolutions on CPU; nothing on accelerators."""
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
 
 
 def default_policy() -> ConvPolicy:
@@ -98,7 +115,8 @@ def _fwd_impl(impl: str, x: Array, k: Array) -> Array:
 
 
 def _dw_impl(impl: str, x: Array, dy: Array, kshape: tuple[int, ...], rows: int = 2048) -> Array:
-  """Kernel gradient sum_{b,h,w} xpad[b,h+i,w+j,c] * dy[b,h,w,d] of a stride-1 SAME conv."""
+  """Kernel gradient sum_{b,h,w} xpad[b,h+i,w+j,c] * dy[b,h,w,d] of a stride-1 SAME conv (`rows`: output
+  pixels per chunk of the im2col scan)."""
   kh, kw, c, d = kshape
   if impl == "xla":
     _, vjp = jax.vjp(lambda k: _fwd_impl("xla", x, k), jnp.zeros(kshape, x.dtype))
@@ -165,8 +183,7 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, padding: str | int = "SAME"
   if stride != 1 or not same or not square_odd:
     return lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=_DN)
   size = max(x.shape[1], x.shape[2])
-  fwd = "im2col" if x.shape[-1] <= policy.fwd_im2col_cin else policy.pick(policy.fwd, size)
-  impls = (fwd, policy.pick(policy.dx, size), policy.pick(policy.dw, size))
+  impls = (policy.pick(policy.fwd, size), policy.pick(policy.dx, size), policy.pick(policy.dw, size))
   if impls == ("xla", "xla", "xla"):
     return lax.conv_general_dilated(x, kernel, (1, 1), _same_pads(kh, kw), dimension_numbers=_DN)
   return _conv_same(x, kernel, (*impls, policy.dw_rows))
@@ -190,8 +207,51 @@ class Conv(nn.Module):
     return y + b.astype(self.dtype)
 
 
-def max_pool(x: Array, window: int, stride: int, padding: str = "VALID") -> Array:
+def max_pool(x: Array, window: int, stride: int, padding: str = "VALID", policy: ConvPolicy | None = None) -> Array:
+  """Max pooling; with `policy.block_pool`, non-overlapping VALID windows (VGG's 2x2/2) take `_block_max`
+  (same values and gradients), everything else `nn.max_pool`."""
+  policy = policy or default_policy()
+  if policy.block_pool and window == stride and padding == "VALID":
+    h, w = x.shape[1] // window * window, x.shape[2] // window * window
+    return _block_max(x[:, :h, :w], window)
   return nn.max_pool(x, (window, window), (stride, stride), padding)
+
+
+def _windows(x: Array, window: int) -> Array:
+  b, h, w, c = x.shape
+  return x.reshape(b, h // window, window, w // window, window, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _block_max(x: Array, window: int) -> Array:
+  """Max over non-overlapping windows as a reshape and a reduction. Its gradient goes to the first maximum
+  of each window in row-major order, like XLA's select-and-scatter (the gradient of `nn.max_pool`), but as
+  one elementwise pass: XLA:CPU's select-and-scatter is 3-6x slower at VGG's sizes
+  (benchmarks/bench_models.py)."""
+  return _windows(x, window).max(axis=(2, 4))
+
+
+def _block_max_fwd(x: Array, window: int) -> tuple[Array, tuple[Array, Array]]:
+  y = _block_max(x, window)
+  return y, (x, y)
+
+
+def _block_max_bwd(window: int, res: tuple[Array, Array], dy: Array) -> tuple[Array]:
+  x, y = res
+  xw = _windows(x, window)
+  taken = jnp.zeros(y.shape, bool)
+  parts = []
+  for i in range(window):
+    for j in range(window):
+      first = (xw[:, :, i, :, j, :] == y) & ~taken
+      taken = taken | first
+      parts.append(jnp.where(first, dy, jnp.zeros_like(dy)))
+  b, h2, w2, c = y.shape
+  dx = jnp.stack(parts, axis=3).reshape(b, h2, w2, window, window, c)
+  return (dx.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape),)
+
+
+_block_max.defvjp(_block_max_fwd, _block_max_bwd)
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -251,7 +311,7 @@ def apply_table(layers: tuple[LayerSpec, ...], x: Array, train: bool, *, norm: s
       elif norm != "none":
         raise ValueError(f"norm {norm!r} is not 'none' or 'group'")
     elif spec.kind == "pool":
-      x = max_pool(x, spec.kernel, spec.stride)
+      x = max_pool(x, spec.kernel, spec.stride, policy=policy)
     elif spec.kind == "fc":
       x = x.reshape(x.shape[0], -1)  # NHWC flatten: (h, w, c) order, like Keras
       if spec.dropout_before and dropout > 0:

@@ -15,6 +15,7 @@ A stage's own `train_specs` (config.stages.<stage>.train_specs) replaces its def
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from etils import epath
 
 from msnet import config as config_lib, models
 from msnet.data import shards
+from msnet.models import compiler_options
 from msnet.train import loop, step as step_lib
 
 DA_TRAINABLE = {
@@ -174,7 +176,7 @@ def run_deepcloak(config: ml_collections.ConfigDict, workdir: Any, batch_size: i
   params = jax.device_put(_from_baseline(workdir, "deepcloak")())
   model = _slave(config)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options())
   def channel_diff(p: Any, x_clean: jax.Array, x_deg: jax.Array) -> jax.Array:
     def features(x: jax.Array) -> jax.Array:
       return model.apply({"params": p}, x, method="trunk_features").astype(jnp.float32)

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from msnet import parallel
+from msnet.models import compiler_options
 from msnet.train import losses
 from msnet.train.state import TrainState
 
@@ -75,7 +76,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedul
 
   repl = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(shardings, parallel.data_sharding(mesh)),
-                 out_shardings=(shardings, repl), donate_argnums=0)
+                 out_shardings=(shardings, repl), donate_argnums=0, compiler_options=compiler_options())
 
 
 def make_eval_step(apply_fn: ApplyFn, mesh: Mesh, param_shardings: Any, label_key: str = "label"
@@ -88,4 +89,5 @@ def make_eval_step(apply_fn: ApplyFn, mesh: Mesh, param_shardings: Any, label_ke
     return jnp.sum(correct * mask), jnp.sum(mask)
 
   repl = parallel.replicated(mesh)
-  return jax.jit(evaluate, in_shardings=(param_shardings, parallel.data_sharding(mesh)), out_shardings=(repl, repl))
+  return jax.jit(evaluate, in_shardings=(param_shardings, parallel.data_sharding(mesh)), out_shardings=(repl, repl),
+                 compiler_options=compiler_options())
