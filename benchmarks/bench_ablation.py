@@ -87,10 +87,10 @@ def main() -> None:
       t = statistics.median(times[(key, mode, name)])
       g = gflop[key] * (3 if mode == "train" else 1)
       row = dict(case=key, mode=mode, variant=name, img_s=batch[key] / t, gflop_s=batch[key] * g / t,
-                 ratio_vs_torch=torch_t / t, speedup_vs_previous_variant=(prev_t / t) if prev_t else None,
+                 ratio_vs_torch=torch_t / t, speedup_vs_previous_variant=(prev_t / t) if prev_t and name != "torch" else None,
                  times_s=times[(key, mode, name)])
       rows.append(row)
-      step = f"{row['speedup_vs_previous_variant']:.2f}x" if prev_t and name != "torch" else ""
+      step = f"{row['speedup_vs_previous_variant']:.2f}x" if row["speedup_vs_previous_variant"] else ""
       print(f"{key:<16}{mode:<9}{name:<13}{row['img_s']:>8.1f}{row['gflop_s']:>9.0f}"
             f"{row['ratio_vs_torch']:>8.2f}x{step:>9}")
       prev_t = t if name != "torch" else prev_t
