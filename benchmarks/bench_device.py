@@ -71,7 +71,7 @@ def main() -> None:
   state = [params, jax.jit(tx.init, out_shardings=repl)(params)]
 
   def loss(p, x, y):
-    logits = model.apply({"params": p}, x, train=True).astype(jnp.float32)
+    logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(y, logits.shape[:2])).mean()
 
   @functools.partial(jax.jit, in_shardings=(repl, repl, data, data), out_shardings=(repl, repl, repl),
