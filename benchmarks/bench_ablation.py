@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import model_steps  # noqa: E402
+from common import write_results  # noqa: E402
 from bench_vs_torch import TORCH_THREADS, forward_gflop, timed, torch_steps  # noqa: E402
 
 from msnet.models import CPU_POLICY, compiler_options  # noqa: E402
@@ -62,9 +62,10 @@ def main() -> None:
         if mode in modes:
           runs.setdefault((key, mode), {})[name] = fn
     tfwd, ttrain = torch_steps(c["size"], c["batch"], c["classes"], c["fc"])
-    tfwd(), "train" in modes and ttrain()
+    tfwd()
     runs[(key, "forward")]["torch"] = tfwd
     if "train" in modes:
+      ttrain()
       runs[(key, "train")]["torch"] = ttrain
     gflop[key] = forward_gflop(c["variant"], c["size"], c["classes"], c["fc"])
     print(f"built {key}", flush=True)
@@ -94,12 +95,9 @@ def main() -> None:
       print(f"{key:<16}{mode:<9}{name:<13}{row['img_s']:>8.1f}{row['gflop_s']:>9.0f}"
             f"{row['ratio_vs_torch']:>8.2f}x{step:>9}")
       prev_t = t if name != "torch" else prev_t
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(dict(command=" ".join(["python", *sys.argv]), reps=a.reps, jax=jax.__version__,
-                   torch=torch.__version__, variants={n: repr(v) for n, v in VARIANTS.items()}, rows=rows,
-                   time="median over interleaved rounds"), f, indent=1)
-  print(f"wrote {a.out}")
+  write_results(a.out, dict(reps=a.reps, jax=jax.__version__, torch=torch.__version__,
+                            variants={n: repr(v) for n, v in VARIANTS.items()}, rows=rows,
+                            time="median over interleaved rounds"))
 
 
 if __name__ == "__main__":

@@ -27,11 +27,9 @@ and then timed in interleaved rounds; figures are medians.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -39,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import write_results  # noqa: E402
 from msnet import config, decision  # noqa: E402
 from msnet.models import (CPU_POLICY, Slave, build_master, build_slave, compiler_options,  # noqa: E402
                           flops_per_image)
@@ -195,7 +194,7 @@ def bench_width(width: float, batches: list[int], ks: list[int], reps: int) -> l
 
 def print_table(rows: list[dict]) -> None:
   names = ["baseline", "ams", "ms_all", "ms_disp_full", "ms_disp_bal", "map", "master"]
-  print(f"\n# images/s (median of rounds); AMS/baseline time vs FLOP ratio; MS, MAP time / (AMS + master)")
+  print("\n# images/s (median of rounds); AMS/baseline time vs FLOP ratio; MS, MAP time / (AMS + master)")
   print(f"{'width':>5}{'bs':>5}{'K':>3}" + "".join(f"{n:>13}" for n in names)
         + f"{'ams t/b':>9}{'ams F/b':>9}{'ms/(a+m)':>9}{'map/(a+m)':>10}  MS winner (exact forms)")
   for r in rows:
@@ -224,13 +223,9 @@ def main() -> None:
   for width in widths:
     rows += bench_width(width, batches[width], ks, reps)
   print_table(rows)
-  out = dict(command=" ".join(["python", *sys.argv]), jax=jax.__version__, cpus=os.cpu_count(), reps=reps,
-             widths=widths, batches=batches, ks=ks, rows=rows,
-             time="median over interleaved rounds; each sample repeats a call to last >= 50 ms")
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {a.out}")
+  write_results(a.out, dict(jax=jax.__version__, cpus=os.cpu_count(), reps=reps, widths=widths, batches=batches,
+                            ks=ks, rows=rows,
+                            time="median over interleaved rounds; each sample repeats a call to last >= 50 ms"))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 import imagenet_vgg16  # noqa: E402
+
+from common import write_results  # noqa: E402
 
 from msnet import decision  # noqa: E402
 from msnet.models import build_slave, compiler_options, flops_per_image  # noqa: E402
@@ -107,11 +108,8 @@ def main() -> None:
   for name, r in rows.items():
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
     print(f"{name:<16} {r['img_s']:9.1f} img/s {r['tflop_s']:8.2f} TFLOP/s  MFU {mfu}")
-  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(dict(command=" ".join(["python", *sys.argv]), device=devices[0].device_kind, devices=len(devices),
-                   batch=batch, gflop_per_image=gflop, peak_tflops=a.peak_tflops, rows=rows), f, indent=1)
-  print(f"wrote {a.out}")
+  write_results(a.out, dict(device=devices[0].device_kind, devices=len(devices), batch=batch,
+                            gflop_per_image=gflop, peak_tflops=a.peak_tflops, rows=rows))
 
 
 if __name__ == "__main__":

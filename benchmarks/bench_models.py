@@ -74,7 +74,7 @@ def bench_layers(batch: int, width: float, reps: int, image: int = 32, ynn: bool
       cells.append(f"dw_{impl}={best_ms(f, x, dy, reps=reps):.1f}{'*' if chosen['dw'] == impl else ''}")
     gflop = 2 * batch * size * size * 9 * cin * cout / 1e9
     print(f"{size:2d}x{size:<2d} {cin:3d}->{cout:3d} ({gflop:.2f} GFLOP): " + " ".join(cells), flush=True)
-  print(f"\n# 2x2/2 max pool backward ms (nn.max_pool's select-and-scatter vs msnet's block max)")
+  print("\n# 2x2/2 max pool backward ms (nn.max_pool's select-and-scatter vs msnet's block max)")
   for size, _, cout in VGG_CONVS[1::2] + VGG_CONVS[-1:]:
     size, cout = size * image // 32, L.scaled(cout, width)
     x = jnp.asarray(rng.normal(size=(batch, size, size, cout)), jnp.float32)

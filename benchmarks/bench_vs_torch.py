@@ -20,7 +20,6 @@ msnet runs its measured CPU conv policy (CPU_POLICY). GFLOP/s from msnet.models.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import model_steps  # noqa: E402  (the jitted steps; shared with bench_models)
+from bench_models import model_steps  # noqa: E402
+from common import write_results  # noqa: E402  (the jitted steps; shared with bench_models)
 
 from msnet import config  # noqa: E402
 from msnet.models import CPU_POLICY, build_slave, flops_per_image  # noqa: E402
@@ -207,15 +207,11 @@ def main() -> None:
           f"{row['ratio_jax_torch']:>10.2f}{row['jax_gflop_s']:>10.0f}{row['torch_gflop_s']:>11.0f}"
           f"{100 * row['jax_frac_peak']:>7.0f}%{100 * row['torch_frac_peak']:>9.0f}%")
 
-  out = dict(command=" ".join([os.path.basename(sys.executable), *sys.argv]), reps=reps, reps224=reps224,
-             train224=train224, jax=jax.__version__, torch=torch.__version__, torch_threads=TORCH_THREADS,
-             cpus=os.cpu_count(), machine=platform.processor() or platform.machine(),
-             matmul_n=MATMUL_N, matmul_gflop_s=peak, peak_gflop_s=peak_gflops, cases=meta, rows=rows,
-             time="median over rounds; img/s = batch / median seconds per call")
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {a.out}")
+  write_results(a.out, dict(reps=reps, reps224=reps224, train224=train224, jax=jax.__version__,
+                            torch=torch.__version__, torch_threads=TORCH_THREADS, cpus=os.cpu_count(),
+                            machine=platform.processor() or platform.machine(), matmul_n=MATMUL_N,
+                            matmul_gflop_s=peak, peak_gflop_s=peak_gflops, cases=meta, rows=rows,
+                            time="median over rounds; img/s = batch / median seconds per call"))
 
 
 if __name__ == "__main__":

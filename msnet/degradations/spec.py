@@ -28,11 +28,15 @@ def _num(x: float) -> str:
   return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _finite(value: float, what: str) -> float:
-  value = float(value)
+def _set_level(op: object, field: str, what: str, low: float, strict: bool = True, unit: str = "") -> None:
+  """Stores op.<field> as a float after checking it is finite and > low (>= low when not strict)."""
+  raw = getattr(op, field)
+  value = float(raw)
   if not math.isfinite(value):
     raise ValueError(f"{what} must be a finite number, got {value!r}")
-  return value
+  if not (value > low if strict else value >= low):
+    raise ValueError(f"{what} must be {'>' if strict else '>='} {_num(low)}{unit}, got {raw!r}")
+  object.__setattr__(op, field, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +73,7 @@ class Jp2k:
   name: ClassVar[str] = "jp2k"
 
   def __post_init__(self):
-    ratio = _finite(self.ratio, "jp2k ratio")
-    if not ratio > 1:
-      raise ValueError(f"jp2k ratio must be > 1, got {self.ratio!r}")
-    object.__setattr__(self, "ratio", ratio)
+    _set_level(self, "ratio", "jp2k ratio", 1)
 
   def __str__(self) -> str:
     return f"jp2k:{_num(self.ratio)}"
@@ -85,10 +86,7 @@ class Jp2kPsnr:
   name: ClassVar[str] = "jp2k_psnr"
 
   def __post_init__(self):
-    psnr = _finite(self.psnr, "jp2k_psnr target")
-    if not psnr > 0:
-      raise ValueError(f"jp2k_psnr target must be > 0 dB, got {self.psnr!r}")
-    object.__setattr__(self, "psnr", psnr)
+    _set_level(self, "psnr", "jp2k_psnr target", 0, unit=" dB")
 
   def __str__(self) -> str:
     return f"jp2k_psnr:{_num(self.psnr)}"
@@ -101,10 +99,7 @@ class Noise:
   name: ClassVar[str] = "noise"
 
   def __post_init__(self):
-    sigma = _finite(self.sigma, "noise sigma")
-    if not sigma >= 0:
-      raise ValueError(f"noise sigma must be >= 0, got {self.sigma!r}")
-    object.__setattr__(self, "sigma", sigma)
+    _set_level(self, "sigma", "noise sigma", 0, strict=False)
 
   def __str__(self) -> str:
     return f"noise:{_num(self.sigma)}"
@@ -118,10 +113,7 @@ class Blur:
   name: ClassVar[str] = "blur"
 
   def __post_init__(self):
-    sigma = _finite(self.sigma, "blur sigma")
-    if not sigma > 0:
-      raise ValueError(f"blur sigma must be > 0, got {self.sigma!r}")
-    object.__setattr__(self, "sigma", sigma)
+    _set_level(self, "sigma", "blur sigma", 0)
     if isinstance(self.radius, bool) or not float(self.radius).is_integer() or self.radius < 1:
       raise ValueError(f"blur radius must be an integer >= 1, got {self.radius!r}")
     object.__setattr__(self, "radius", int(self.radius))
