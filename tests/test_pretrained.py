@@ -6,7 +6,7 @@ so pool5 is 2x2 and torchvision's (c, h, w) flatten order is really exercised; t
 table is checked with jax.eval_shape, without allocating 138M parameters."""
 
 import functools
-import importlib.util
+import sys
 
 import h5py
 import jax
@@ -158,17 +158,20 @@ def test_torchvision_safetensors_matches_numpy_reference(tmp_path):
 
 
 def test_torchvision_pth(tmp_path):
+  torch = pytest.importorskip("torch")  # CI installs msnet[torch], so this runs there
   path = tmp_path / "vgg16-397923af.pth"
-  if importlib.util.find_spec("torch") is None:
-    path.write_bytes(b"not read")
-    with pytest.raises(pretrained.PretrainedError, match="needs torch"):
-      load_pretrained_vgg16(path, small_cfg("torch"), num_classes=CLASSES, image_size=SIZE)
-    pytest.skip("torch is not installed: only the clear error for .pth is checked (safetensors covers the layout)")
-  import torch
   sd = torch_state()
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
   params = load_pretrained_vgg16(path, small_cfg("torch"), num_classes=CLASSES, image_size=SIZE)
   check_logits(params, "torch", ref_torch(image_batch(), sd))
+
+
+def test_pth_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  path = tmp_path / "vgg16-397923af.pth"
+  path.write_bytes(b"not read")
+  with pytest.raises(pretrained.PretrainedError, match="needs torch"):
+    load_pretrained_vgg16(path, small_cfg("torch"), num_classes=CLASSES, image_size=SIZE)
 
 
 def test_clear_errors(tmp_path):
