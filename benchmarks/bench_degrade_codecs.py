@@ -8,8 +8,8 @@ so machine load hits all cases alike; the table gives the median over rounds in 
 the mean PSNR / bpp reached, so the two columns can be checked to do the same work.
 
 The plain loop: Pillow `save('JPEG', quality=Q, subsampling=2)` + open; Pillow `save('JPEG2000',
-quality_mode='rates' | 'dB', irreversible=True, no_jp2=True)` + open (OpenJPEG's own rate control, a
-different code path and file size than msnet's search over imagecodecs); NumPy float64 noise;
+quality_mode='rates' | 'dB', irreversible=True, mct=1, no_jp2=True)` + open, with msnet's resolutions and
+comment: the same OpenJPEG encode as msnet's (bit-equal with the same libopenjp2 build); NumPy float64 noise;
 Pillow `ImageFilter.GaussianBlur` (box-filter approximation of a Gaussian, not the same pixels).
 """
 
@@ -36,6 +36,7 @@ import PIL
 from PIL import Image, ImageFilter
 
 from msnet import degradations as D
+from msnet.degradations import openjpeg
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _CIFAR = [_REPO / "msnet/data/embedded/cifar10/test.tar.gz", _REPO.parent / "shared/data/cifar10/test.tar.gz"]
@@ -66,9 +67,9 @@ def plain(spec: str, img: np.ndarray, index: int) -> tuple[np.ndarray, int | Non
     return _pil_roundtrip(img, format="JPEG", quality=op.quality, subsampling=2)
   if isinstance(op, (D.Jp2k, D.Jp2kPsnr)):
     mode, layer = ("rates", op.ratio) if isinstance(op, D.Jp2k) else ("dB", op.psnr)
-    resolutions = min(6, int(math.log2(min(img.shape[:2]))) - 2)  # what imagecodecs uses
     return _pil_roundtrip(img, format="JPEG2000", quality_mode=mode, quality_layers=[layer], irreversible=True,
-                          no_jp2=True, num_resolutions=resolutions)
+                          mct=1, no_jp2=True, num_resolutions=openjpeg.num_resolutions(*img.shape[:2]),
+                          comment=openjpeg.COMMENT.decode())
   if isinstance(op, D.Noise):
     rng = np.random.default_rng([0, index])
     return np.clip(np.rint(img + rng.normal(0.0, op.sigma, img.shape)), 0, 255).astype(np.uint8), None
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
       command=" ".join([pathlib.Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
       reps=args.reps, threads="1 (OPENBLAS/OMP/MKL_NUM_THREADS=1, imagecodecs numthreads=1)",
       machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count()),
-      versions=dict(imagecodecs=imagecodecs.__version__, openjpeg=imagecodecs.jpeg2k_version(),
+      versions=dict(imagecodecs=imagecodecs.__version__, openjpeg=openjpeg.version(),
                     libjpeg_turbo=imagecodecs.jpeg8_version(), pillow=PIL.__version__, numpy=np.__version__),
       rows=rows)
   args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """msnet.degradations against independent references: Pillow JPEG, SciPy Gaussian filter, the documented
-noise generator, the CIFAR-10 JPEG files (IJG quality 75), and measured JPEG 2000 rates."""
+noise generator, the CIFAR-10 JPEG files (IJG quality 75), Pillow's and imagecodecs' JPEG 2000 encoders and
+measured JPEG 2000 rates."""
 
+import ctypes
 import dataclasses
 import functools
 import io
@@ -10,13 +12,14 @@ import pathlib
 import tarfile
 import zlib
 
+import imagecodecs
 import numpy as np
 import pytest
 import scipy.ndimage
 from PIL import Image
 
 from msnet import degradations as D
-from msnet.degradations import codecs
+from msnet.degradations import codecs, openjpeg
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _CIFAR_TEST = [_REPO / "msnet/data/embedded/cifar10/test.tar.gz", _REPO.parent / "shared/data/cifar10/test.tar.gz"]
@@ -304,16 +307,106 @@ def test_jp2k_ratio_at_32_reachable_range_and_floor():
   for ratio in (5, 10, 15, 20):
     ratios = [D.apply(f"jp2k:{ratio}", img)[1]["ratio"] for img in images]
     assert ratios == pytest.approx([ratio] * len(images), rel=0.10)
-  # Beyond ~25:1 a 32x32 codestream is at its floor (~100 header bytes + coarsest data): jp2k:50 and
-  # jp2k:200 both give the smallest encode OpenJPEG makes, and report the ratio actually reached.
+  # Beyond ~25:1 a 32x32 codestream is at its floor (~100 header bytes + the coarsest data OpenJPEG's
+  # rate allocation keeps): jp2k:50, jp2k:200 and jp2k:1000 give the same bytes and report the ratio
+  # actually reached.
   for img in images:
-    floor = len(codecs.jp2k_encode_psnr(img, 1))
-    for ratio in (50, 200):
-      _, info = D.apply(f"jp2k:{ratio}", img)
-      assert info["ratio"] == pytest.approx(img.nbytes / floor)
-      assert 20 < info["ratio"] < 30
+    floor = codecs.jp2k_encode_ratio(img, 50)
+    assert codecs.jp2k_encode_ratio(img, 200) == floor == codecs.jp2k_encode_ratio(img, 1000)
+    _, info = D.apply("jp2k:200", img)
+    assert info["ratio"] == pytest.approx(img.nbytes / len(floor)) and 20 < info["ratio"] < 30
   psnrs = [D.apply("jp2k:200", img)[1]["psnr"] for img in images]
   assert min(psnrs) > 5  # measured 9.6-20 dB on CIFAR: the floor keeps little more than the DC
+
+
+def _pillow_openjpeg() -> str:
+  """The libopenjp2 that Pillow's wheel bundles (pillow.libs/ on Linux, PIL/.dylibs on macOS)."""
+  import PIL  # noqa: PLC0415
+  package = pathlib.Path(PIL.__file__).parent
+  found = sorted(p for d in (package.parent / "pillow.libs", package / ".dylibs") if d.is_dir()
+                 for p in d.glob("libopenjp2*"))
+  assert found, f"no libopenjp2 bundled with Pillow {PIL.__version__} beside {package}: the reference is missing"
+  return str(found[0])
+
+
+def _pillow_j2k(img: np.ndarray, mode: str, layer: float) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG2000", quality_mode=mode, quality_layers=[layer], irreversible=True,
+                            mct=1, no_jp2=True, comment=openjpeg.COMMENT.decode(),
+                            num_resolutions=openjpeg.num_resolutions(*img.shape[:2]))
+  return buf.getvalue()
+
+
+def test_openjpeg_binding_writes_pillows_codestream_bit_for_bit():
+  """Same library build (Pillow's), same settings: the ctypes binding must write Pillow's exact bytes."""
+  library = _pillow_openjpeg()
+  images = list(cifar_images()[:8]) + [mosaic224(0), upsampled224(4), cifar_images()[9][:13, :21]]
+  for img in images:
+    for ratio in (2, 5, 10, 20, 50, 200):
+      assert openjpeg.encode(img, ratio=ratio, library=library) == _pillow_j2k(img, "rates", ratio), (img.shape, ratio)
+    for target in (20, 30, 45):
+      assert openjpeg.encode(img, psnr=target, library=library) == _pillow_j2k(img, "dB", target), (img.shape, target)
+
+
+def test_openjpeg_default_build_matches_imagecodecs_and_pillow():
+  """imagecodecs' libopenjp2 (the default): fixed-quality pixels equal imagecodecs' own encoder's, and
+  rate-mode codestreams stay within 2 bytes of Pillow's build (its floats may round differently)."""
+  for img in list(cifar_images()[:16]) + [mosaic224(3)]:
+    for target in (20, 30, 45):
+      theirs = imagecodecs.jpeg2k_encode(img, level=target, codecformat="J2K", reversible=False, numthreads=1)
+      np.testing.assert_array_equal(codecs.jp2k_decode(codecs.jp2k_encode_psnr(img, target)),
+                                    imagecodecs.jpeg2k_decode(theirs))
+    for ratio in (5, 10, 20):
+      assert abs(len(openjpeg.encode(img, ratio=ratio)) - len(_pillow_j2k(img, "rates", ratio))) <= 2
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 7), (8, 8), (17, 9), (64, 48)])
+def test_openjpeg_small_and_odd_sizes(shape):
+  img = np.random.default_rng(shape[0]).integers(0, 256, shape + (3,), dtype=np.uint8)
+  out, info = D.apply("jp2k:4", img)  # headers alone outweigh a few pixels: the ratio may be below 1
+  assert out.shape == img.shape and info["ratio"] == pytest.approx(24 / info["bpp"])
+  assert openjpeg.num_resolutions(*shape) == max(1, min(6, int(math.log2(min(shape))) - 2))
+
+
+def test_openjpeg_bad_inputs():
+  img = cifar_images()[0]
+  with pytest.raises(ValueError, match="exactly one"):
+    openjpeg.encode(img, ratio=10, psnr=30)
+  with pytest.raises(ValueError, match="exactly one"):
+    openjpeg.encode(img)
+  with pytest.raises(ValueError, match="HxWx3 uint8"):
+    openjpeg.encode(img.astype(np.float32), ratio=10)
+  with pytest.raises(ValueError, match="HxWx3 uint8"):
+    openjpeg.encode(img[..., 0], ratio=10)
+  with pytest.raises(ValueError, match="finite and > 0"):
+    openjpeg.encode(img, ratio=float("nan"))
+  with pytest.raises(openjpeg.OpenJpegError, match="cannot load"):
+    openjpeg.encode(img, ratio=10, library="/nonexistent/libopenjp2.so")
+
+
+def test_openjpeg_layout_check_refuses_a_mismatched_library():
+  """A library whose opj_cparameters_t is larger, or has other defaults, is refused before any encode."""
+  size = ctypes.sizeof(openjpeg._CParameters)
+
+  class Fake:
+    def __init__(self, written: int, numresolution: int) -> None:
+      self.written, self.numresolution = written, numresolution
+
+    def opj_version(self) -> bytes:
+      return b"2.9.0"
+
+    def opj_set_default_encoder_parameters(self, raw) -> None:
+      ctypes.memset(raw, 0, self.written)
+      openjpeg._CParameters.from_buffer(raw).numresolution = self.numresolution
+      for name, value in dict(cblockw_init=64, cblockh_init=64, roi_compno=-1, subsampling_dx=1,
+                              subsampling_dy=1, decod_format=-1, cod_format=-1).items():
+        setattr(openjpeg._CParameters.from_buffer(raw), name, value)
+
+  openjpeg._check_layout(Fake(size, 6))  # the real layout passes
+  with pytest.raises(openjpeg.OpenJpegError, match="past the end: True"):
+    openjpeg._check_layout(Fake(size + 8, 6))
+  with pytest.raises(openjpeg.OpenJpegError, match="numresolution"):
+    openjpeg._check_layout(Fake(size, 5))
 
 
 @pytest.mark.parametrize("target", [25.0, 30.0, 35.0])

@@ -113,7 +113,7 @@ def test_workers_do_not_import_jax():
 
 def _imports_jax():
   import msnet.data.degrade  # noqa: F401
-  import msnet.degradations  # noqa: F401
+  import msnet.degradations  # noqa: F401,F811
   return "jax" in sys.modules
 
 
@@ -184,6 +184,19 @@ def test_changed_config_redoes_shards(inline_run, tmp_path):
   files = sorted(os.listdir(os.path.join(w, "data", "test", "jpeg-10")))
   assert [f for f in files if not f.endswith(".json")] == [shards.shard_name(k, 4) for k in range(4)]
   assert m["seed"] == 4 and len(shards.open_shards(shards.spec_dir(w, "test", "jpeg:10"))) == 50
+
+
+def test_new_pixels_version_redoes_shards(tmp_path, monkeypatch):
+  """Shards written before `apply` changed its pixels (PIXELS_VERSION bumped) are rewritten, not reused."""
+  w = str(tmp_path / "w")
+  degrade.run_degrade(_config(), w, specs=["jp2k:10"])
+  before = _stats(w)
+  assert degrade.run_degrade(_config(), w, specs=["jp2k:10"]) and _stats(w) == before  # current: reused
+  monkeypatch.setattr(degradations, "PIXELS_VERSION", degradations.PIXELS_VERSION + 1)
+  m = degrade.run_degrade(_config(), w, specs=["jp2k:10"])
+  after = _stats(w)
+  assert m["degradations"] == degradations.PIXELS_VERSION and after.keys() == before.keys()
+  assert all(after[f] != before[f] for f in before)
 
 
 @pytest.fixture

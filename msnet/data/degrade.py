@@ -133,7 +133,8 @@ def plan(config: ml_collections.ConfigDict, specs: Sequence[str] | None = None
                      "their shards would share W/data/<split>/")
   rps = int(config.degrade.records_per_shard)
   header: dict[str, Any] = {
-      "format": shards.FORMAT_VERSION, "source": {k: d[k] for k in _SOURCE_KEYS}, "seed": int(config.seed),
+      "format": shards.FORMAT_VERSION, "degradations": degradations.PIXELS_VERSION,
+      "source": {k: d[k] for k in _SOURCE_KEYS}, "seed": int(config.seed),
       "bins": [{"name": b.name, "match": list(b.match)} for b in config.bins],
       "records_per_shard": rps, "versions": _versions(), "splits": {}}
   units: list[Unit] = []
@@ -147,7 +148,7 @@ def plan(config: ml_collections.ConfigDict, specs: Sequence[str] | None = None
     header["splits"][split] = {"role": role, "num_source_records": len(source), "num_records_used": n,
                                "class_names": source.class_names, "specs": split_specs}
     num_shards = max(1, -(-n // rps))
-    base = {k: header[k] for k in ("format", "source", "seed", "bins")}
+    base = {k: header[k] for k in ("format", "degradations", "source", "seed", "bins")}
     # Shard-major order: a worker takes the same records for the next spec and decodes them only once.
     for k in range(num_shards):
       start, stop = k * rps, min((k + 1) * rps, n)
@@ -254,7 +255,8 @@ def _check_file(data_dir: epath.Path, car: dict[str, Any], verify: bool) -> None
 
 
 def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
-  return all(a.get(k) == b.get(k) for k in ("format", "source", "seed", "bins", "records_per_shard"))
+  return all(a.get(k) == b.get(k)
+             for k in ("format", "degradations", "source", "seed", "bins", "records_per_shard"))
 
 
 def _split_header(entry: dict[str, Any]) -> dict[str, Any]:

@@ -1,29 +1,22 @@
-"""Real JPEG and JPEG 2000 encode/decode through imagecodecs, with JPEG 2000 rate control.
+"""Real JPEG and JPEG 2000 encode/decode: libjpeg-turbo through imagecodecs, OpenJPEG through its C API.
 
 JPEG: libjpeg-turbo via `imagecodecs.jpeg8_encode(level=Q, subsampling=...)`, the same library and
 settings as Pillow's `save(format='JPEG', quality=Q, subsampling=...)` (islow DCT, no optimised Huffman
 tables, fancy upsampling on decode), so the pixels equal Pillow's bit for bit.
 
-JPEG 2000: OpenJPEG via `imagecodecs.jpeg2k_encode`, always the irreversible 9/7 wavelet with the
-RGB->YCC component transform, one quality layer, and a raw J2K codestream (`codecformat='J2K'`, no JP2
-container). OpenJPEG's "Created by OpenJPEG" COM segment (39 bytes) is removed, so the size, bpp and
-ratio count exactly the bytes a decoder needs. imagecodecs' `level` is a target PSNR in dB
-(OpenJPEG fixed-quality mode), not a ratio: `jp2k:R` searches the level (see `jp2k_encode_ratio`).
+JPEG 2000: OpenJPEG through `msnet.degradations.openjpeg` (its C API on the libopenjp2 that imagecodecs
+bundles), always the irreversible 9/7 wavelet with the RGB->YCC component transform, one quality
+layer, and a raw J2K codestream (no JP2 container). `jp2k:R` uses OpenJPEG's own rate allocation,
+`jp2k_psnr:P` its fixed-quality mode: one encode each. The COM segment is removed, so the size, bpp
+and ratio count exactly the bytes a decoder needs. Decoding: `imagecodecs.jpeg2k_decode`.
 """
 
 from __future__ import annotations
 
-import math
-
 import imagecodecs
 import numpy as np
 
-# The size of the codestream grows monotonically (in steps) with imagecodecs' PSNR level; it saturates
-# above about 70 dB for 8-bit images (every coding pass kept) and is at its floor below about 15-20 dB.
-_LEVEL_MIN, _LEVEL_MAX = 1.0, 100.0
-_RATE_TOL = 0.05         # stop the search when the size is within 5% of the target
-_RATE_MAX_ENCODES = 10   # encodes per image at most
-_DEFAULT_SLOPE = 0.1     # d ln(bytes) / d level (dB) before two encodes give a measured one
+from msnet.degradations import openjpeg
 
 
 def jpeg_encode(image: np.ndarray, quality: int, subsampling: str) -> bytes:
@@ -49,66 +42,26 @@ def _strip_com(codestream: bytes) -> bytes:
 
 
 def jp2k_encode_psnr(image: np.ndarray, psnr: float) -> bytes:
-  """OpenJPEG fixed-quality encode at target PSNR `psnr` dB (clamped to imagecodecs' lossy range 1..1000)."""
-  level = min(max(float(psnr), 1.0), 1000.0)
-  data = imagecodecs.jpeg2k_encode(image, level=level, codecformat="J2K", reversible=False, numthreads=1)
-  return _strip_com(data)
+  """OpenJPEG fixed-quality encode at target PSNR `psnr` dB (the pixels of imagecodecs' `level=psnr`)."""
+  return _strip_com(openjpeg.encode(image, psnr=psnr))
 
 
 def jp2k_encode_ratio(image: np.ndarray, ratio: float) -> bytes:
-  """Codestream whose size is closest to image.nbytes / ratio, found by a bounded search on the PSNR level.
+  """OpenJPEG's rate allocation for image.nbytes / ratio bytes, in one encode (`opj_compress -r ratio`).
 
-  The size is a monotone step function of the level, so the search brackets the target and then
-  interpolates ln(size) linearly in the level (regula falsi, with bisection when one side stalls),
-  at most `_RATE_MAX_ENCODES` encodes. It returns the encode closest to the target in ln(size) (ties:
-  the smaller one) and stops early within 5%: 3-4 encodes on average. Deterministic: the same image
-  and ratio always give the same bytes.
+  After tier-1 coding OpenJPEG keeps the coding passes of highest distortion-rate slope that fit the
+  budget, less its estimate of the headers; the achieved ratio is usually within a few % of the
+  target, above or below (headers are estimated). Deterministic: the same image and ratio give the
+  same bytes.
 
   Reachable ratios depend on size and content. A 32x32 RGB codestream cannot shrink below 110-130
   bytes (about 100 bytes of headers plus the coarsest data OpenJPEG keeps): CIFAR images reach at most
-  23-27:1 (measured on 1,000 test images), so `jp2k:30` and stronger all return that smallest encode
-  (PSNR 10-20 dB). At 224x224 the floor is near 1000:1 and 10-400:1 is reachable on natural content.
-  At the other end the 9/7 quantiser saturates near 50 dB, so smooth images cannot reach low ratios
-  (x7 upsampled CIFAR images stop at 26-44:1; CIFAR images at 2-5:1). The ratio achieved is
-  `apply`'s info["ratio"].
+  23-27:1, so `jp2k:30` and stronger all give that smallest encode (PSNR 10-20 dB). At 224x224 the
+  floor is near 1000:1 and 10-400:1 is reachable on natural content. At the other end the 9/7
+  quantiser saturates near 50 dB, so smooth images cannot reach low ratios (x7 upsampled CIFAR images
+  stop at 26-44:1; CIFAR images at 2-5:1). The ratio achieved is `apply`'s info["ratio"].
   """
-  target = math.log(image.nbytes / ratio)
-  tried: dict[float, bytes] = {}
-
-  def error(level: float) -> float:
-    if level not in tried:
-      tried[level] = jp2k_encode_psnr(image, level)
-    return math.log(len(tried[level])) - target
-
-  lo: tuple[float, float] | None = None  # (level, error < 0): too small
-  hi: tuple[float, float] | None = None  # (level, error > 0): too large
-  level = min(max(35.0 - 4.0 * math.log2(ratio / 10.0), 15.0), 60.0)
-  prev: tuple[float, float] | None = None
-  stalled_side = 0
-  while len(tried) < _RATE_MAX_ENCODES:
-    e = error(level)
-    if abs(e) <= math.log1p(_RATE_TOL):
-      break
-    side = 1 if e > 0 else -1
-    if side > 0 and (hi is None or level < hi[0]):
-      hi = (level, e)
-    elif side < 0 and (lo is None or level > lo[0]):
-      lo = (level, e)
-    if lo is not None and hi is not None:
-      if hi[0] - lo[0] < 1e-3:
-        break
-      stalled_side = stalled_side + side if stalled_side * side > 0 else side
-      t = 0.5 if abs(stalled_side) >= 2 else min(max(lo[1] / (lo[1] - hi[1]), 0.05), 0.95)
-      nxt = lo[0] + t * (hi[0] - lo[0])
-    else:
-      slope = _DEFAULT_SLOPE
-      if prev is not None and prev[0] != level and (e - prev[1]) / (level - prev[0]) > 1e-3:
-        slope = (e - prev[1]) / (level - prev[0])
-      nxt = min(max(level - min(max(e / slope, -20.0), 20.0), _LEVEL_MIN), _LEVEL_MAX)
-    if nxt in tried:  # a level bound reached, still on the same side: the target is out of reach
-      break
-    prev, level = (level, e), nxt
-  return min(tried.values(), key=lambda b: (abs(math.log(len(b)) - target), len(b)))
+  return _strip_com(openjpeg.encode(image, ratio=ratio))
 
 
 def jp2k_decode(data: bytes) -> np.ndarray:
