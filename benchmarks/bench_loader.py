@@ -10,7 +10,9 @@ decode at the same quality). img/s counts degraded records written.
 
 Loaders: images/s delivered as device arrays (`block_until_ready`) by `TrainLoader` (threads; 1 Grain
 worker process) and `eval_batches`, over clean shards of `--loader-images` training images, on the
-devices JAX sees (set XLA_FLAGS=--xla_force_host_platform_device_count=8 to shard over 8 fake CPUs).
+devices JAX sees (set XLA_FLAGS=--xla_force_host_platform_device_count=8 to shard over 8 fake CPUs),
+beside the images/s of the demo config's train step (its model, batch `--batch`, SGD, synthetic batch):
+the loader must keep ahead of it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import importlib.util
 import io
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
@@ -86,6 +89,22 @@ def bench_degrade(images: int, root: pathlib.Path) -> None:
         f"degradations.apply loop {n / ours:7.0f} img/s (incl. source decode both)")
 
 
+def demo_train_step_rate(batch: int, steps: int) -> float:
+  """Images/s of a jitted train step of the demo config's baseline model (K=1), compiled and warm."""
+  import jax
+  from msnet.models import layers
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  from bench_models import model_steps
+
+  model = demo_config().model
+  _, train = model_steps(model.width, batch, 1, layers.default_policy(), model_cfg=model,
+                         fc_width=model.fc_width)
+  start = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(train())
+  return steps * batch / (time.perf_counter() - start)
+
+
 def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> None:
   import jax
   from msnet import config as config_lib
@@ -100,6 +119,9 @@ def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> No
   degrade.run_degrade(c, workdir, specs=["clean"])
   mesh = parallel.make_mesh([("data", -1)])
   print(f"loaders: {images} clean records, global batch {batch}, {jax.device_count()} device(s)")
+  step_rate = demo_train_step_rate(batch, steps)
+  print(f"  demo config train step (model width {demo_config().model.width}, batch {batch}): {step_rate:7.0f} img/s")
+  rates = []
   for workers in (0, 1):
     start = time.perf_counter()
     it = loader.TrainLoader(workdir, c.data.train_split, ["clean"], None, batch, 0, mesh, True, workers)
@@ -109,8 +131,10 @@ def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> No
     for _ in range(steps):
       jax.block_until_ready(next(it))
     seconds = time.perf_counter() - start
+    rates.append(steps * batch / seconds)
     print(f"  TrainLoader, {workers} Grain worker(s): first batch {first * 1e3:5.0f} ms, "
-          f"steady {steps * batch / seconds:7.0f} img/s")
+          f"steady {rates[-1]:7.0f} img/s")
+  print(f"  loader / demo train step: {rates[0] / step_rate:.1f}x (0 workers), {rates[1] / step_rate:.1f}x (1 worker)")
   start = time.perf_counter()
   n = 0
   for b in loader.eval_batches(workdir, c.data.eval_split, "clean", batch, mesh):

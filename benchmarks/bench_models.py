@@ -88,11 +88,12 @@ def bench_layers(batch: int, width: float, reps: int, image: int = 32, ynn: bool
 
 def model_steps(width: float, batch: int, k: int, policy: L.ConvPolicy, *, variant: str = "cifar",
                 size: int = 32, classes: int = 10, fc_width: int | None = None,
-                xla_options: dict[str, str] | None = None):
+                xla_options: dict[str, str] | None = None, model_cfg=None):
   """(forward, train step) zero-argument closures for a VGG-16 slave (default: CIFAR, 32x32), compiled and
-  warmed up; `xla_options` defaults to msnet's `compiler_options()` ({} = XLA's defaults)."""
+  warmed up; `xla_options` defaults to msnet's `compiler_options()` ({} = XLA's defaults); `model_cfg`
+  (a config's `model`, e.g. the demo's) is the base the width, variant and fc_width are set on."""
   opts = compiler_options() if xla_options is None else xla_options
-  cfg = config.base_config().model
+  cfg = (config.base_config().model if model_cfg is None else model_cfg).copy_and_resolve_references()
   cfg.width, cfg.variant = width, variant
   if fc_width is not None:
     cfg.fc_width = fc_width

@@ -65,6 +65,40 @@ def test_record_roundtrip():
     shards.encode_record(image[..., 0], meta)
 
 
+def test_decode_batch_equals_per_record_decode():
+  rng = np.random.default_rng(1)
+  images = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(4)]
+  records = [shards.encode_record(im, {**_meta(i), "bin": i % 2}) for i, im in enumerate(images)]
+  batch = shards.decode_batch(records, ["label", "bin"])
+  singles = [shards.decode_record(r) for r in records]
+  np.testing.assert_array_equal(batch["image"], np.stack([r["image"] for r in singles]))
+  assert batch["label"].tolist() == [r["label"] for r in singles] and batch["label"].dtype == np.int32
+  assert batch["bin"].tolist() == [0, 1, 0, 1]
+  odd = shards.encode_record(rng.integers(0, 256, (7, 5, 3), dtype=np.uint8), _meta(9))
+  with pytest.raises(ValueError, match="one batch holds one image size"):
+    shards.decode_batch(records + [odd], ["label"])
+  with pytest.raises(ValueError, match="at least one record"):
+    shards.decode_batch([], ["label"])
+
+
+def _splitmix64_top_bit(seed: int, position: int) -> bool:
+  """Reference: splitmix64 finaliser in Python integers (Steele, Lea, Flood 2014)."""
+  m = 2**64
+  z = (position + seed * 0x9E3779B97F4A7C15) % m
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % m
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % m
+  return bool((z ^ (z >> 31)) >> 63)
+
+
+def test_flip_coin_is_splitmix64_and_fair():
+  positions = np.arange(0, 20000, dtype=np.uint64)
+  for seed in (0, 7, 2**40 + 3):
+    coins = loader._coin(seed, positions)
+    assert coins[:50].tolist() == [_splitmix64_top_bit(seed, p) for p in range(50)]
+    assert abs(coins.mean() - 0.5) < 0.02  # 20000 fair coins: 4.5 standard deviations
+  assert (loader._coin(0, positions) != loader._coin(1, positions)).mean() > 0.45
+
+
 def test_write_and_open_shards(tmp_path):
   d = _write_spec(tmp_path, "test", "jpeg:10", 25, 10, bin_=1)
   assert sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp")) == []
