@@ -22,7 +22,6 @@ padded to the same number of batches on every process; `mask` is False on paddin
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Iterator, Sequence
 
