@@ -22,7 +22,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import io
-import json
 import math
 import pathlib
 import platform
@@ -37,6 +36,9 @@ from PIL import Image, ImageFilter
 
 from msnet import degradations as D
 from msnet.degradations import openjpeg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_results  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _CIFAR = [_REPO / "msnet/data/embedded/cifar10/test.tar.gz", _REPO.parent / "shared/data/cifar10/test.tar.gz"]
@@ -132,16 +134,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{m['img_per_s'] / q['img_per_s']:>7.2f}x   {m['mean_psnr']:>8.2f}/{q['mean_psnr']:<8.2f}   "
           f"{fmt(m['mean_bpp']):>7}/{fmt(q['mean_bpp']):<8}")
 
-  result = dict(
-      command=" ".join([pathlib.Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+  write_results(args.out, dict(
       reps=args.reps, threads="1 (OPENBLAS/OMP/MKL_NUM_THREADS=1, imagecodecs numthreads=1)",
       machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count()),
       versions=dict(imagecodecs=imagecodecs.__version__, openjpeg=openjpeg.version(),
                     libjpeg_turbo=imagecodecs.jpeg8_version(), pillow=PIL.__version__, numpy=np.__version__),
-      rows=rows)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=2))
-  print(f"wrote {args.out}")
+      rows=rows))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import os
 import pathlib
 import shutil
 import sys
@@ -28,6 +29,9 @@ import time
 
 import numpy as np
 import PIL.Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_results  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -39,7 +43,7 @@ def demo_config():
   return module.get_config(None)
 
 
-def bench_degrade(images: int, root: pathlib.Path) -> None:
+def bench_degrade(images: int, root: pathlib.Path) -> dict:
   from msnet import degradations
   from msnet.data import degrade, sources
 
@@ -51,6 +55,7 @@ def bench_degrade(images: int, root: pathlib.Path) -> None:
   work += [(c.data.eval_split, s) for s in degrade.all_eval_specs(c)]
   total = images * len(work)
   print(f"degrade: {len(work)} (split, spec) pairs x {images} images = {total} records")
+  out = {"images": images, "pairs": len(work), "records": total, "run_degrade_img_per_s": {}}
 
   for workers in (1, 2):
     c.degrade.num_workers = workers
@@ -61,6 +66,9 @@ def bench_degrade(images: int, root: pathlib.Path) -> None:
     print(f"  run_degrade, {workers} worker(s): {seconds:6.1f} s  {total / seconds:7.0f} img/s  "
           f"({total / seconds / workers:.0f} img/s per worker, incl. start-up and source opening)")
     shutil.rmtree(workdir)
+    out["run_degrade_img_per_s"][workers] = total / seconds
+  out["scaling_2_over_1"] = out["run_degrade_img_per_s"][2] / out["run_degrade_img_per_s"][1]
+  print(f"  2 workers / 1 worker: {out['scaling_2_over_1']:.2f}x")
 
   srcs = {split: sources.open_source(c.data, split) for split in {w[0] for w in work}}
   start = time.perf_counter()
@@ -69,6 +77,7 @@ def bench_degrade(images: int, root: pathlib.Path) -> None:
       degradations.apply(spec, srcs[split][i]["image"], seed=c.seed, index=i)
   seconds = time.perf_counter() - start
   print(f"  plain loop (decode + apply, no writing), 1 process: {seconds:6.1f} s  {total / seconds:7.0f} img/s")
+  out["plain_apply_loop_img_per_s"] = total / seconds
 
   jpeg = [(split, op.quality) for split, s in work
           if len(ops := degradations.parse(s).ops) == 1 and isinstance(op := ops[0], degradations.Jpeg)]
@@ -87,13 +96,14 @@ def bench_degrade(images: int, root: pathlib.Path) -> None:
   n = images * len(jpeg)
   print(f"  JPEG specs only ({len(jpeg)} x {images}): Pillow loop {n / pil:7.0f} img/s, "
         f"degradations.apply loop {n / ours:7.0f} img/s (incl. source decode both)")
+  out["jpeg_only"] = {"pillow_img_per_s": n / pil, "apply_img_per_s": n / ours}
+  return out
 
 
 def demo_train_step_rate(batch: int, steps: int) -> float:
   """Images/s of a jitted train step of the demo config's baseline model (K=1), compiled and warm."""
   import jax
   from msnet.models import layers
-  sys.path.insert(0, str(REPO / "benchmarks"))
   from bench_models import model_steps
 
   model = demo_config().model
@@ -105,7 +115,7 @@ def demo_train_step_rate(batch: int, steps: int) -> float:
   return steps * batch / (time.perf_counter() - start)
 
 
-def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> None:
+def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> dict:
   import jax
   from msnet import config as config_lib
   from msnet import parallel
@@ -142,6 +152,10 @@ def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> No
     n += int(np.asarray(b["mask"]).sum())
   seconds = time.perf_counter() - start
   print(f"  eval_batches: {n} records in {seconds:.2f} s, {n / seconds:7.0f} img/s")
+  return {"records": images, "global_batch": batch, "devices": jax.device_count(),
+          "demo_train_step_img_per_s": step_rate, "train_loader_img_per_s": {0: rates[0], 1: rates[1]},
+          "loader_over_train_step": {0: rates[0] / step_rate, 1: rates[1] / step_rate},
+          "eval_batches_img_per_s": n / seconds}
 
 
 def main() -> None:
@@ -151,14 +165,17 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--skip-degrade", action="store_true")
+  p.add_argument("--out", default=str(REPO / "benchmarks/results/loader.json"))
   args = p.parse_args()
   root = pathlib.Path(tempfile.mkdtemp(prefix="msnet-bench-"))
+  results = {}
   try:
     if not args.skip_degrade:
-      bench_degrade(args.images, root)
-    bench_loaders(args.loader_images, root, args.batch, args.steps)
+      results["degrade"] = bench_degrade(args.images, root)
+    results["loaders"] = bench_loaders(args.loader_images, root, args.batch, args.steps)
   finally:
     shutil.rmtree(root, ignore_errors=True)
+  write_results(args.out, results)
 
 
 if __name__ == "__main__":
