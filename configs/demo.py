@@ -1,4 +1,4 @@
-r"""The demo: the whole master-slave experiment on the embedded CIFAR-10 in about 15 minutes on 2 CPU cores.
+r"""The demo: the whole master-slave experiment on the embedded CIFAR-10 in about 10 minutes on 2 CPU cores.
 
   msnet demo                                   # = msnet run --config=configs/demo.py --workdir=msnet-demo
   msnet run --config=configs/demo.py:runlocal --workdir=/tmp/w   # the ~1 minute smoke version
