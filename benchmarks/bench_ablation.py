@@ -9,7 +9,8 @@ Issue 6 asks, for each change, the prediction and the measured effect. The varia
                   chunked-im2col kernel gradient, nn.max_pool: the CPU path before this change set;
   v1 "+pool":     v0 with the block max pool (reshape + max, elementwise first-max gradient);
   v2 "+eigen":    v1 compiled with msnet's compiler_options() (Eigen convs instead of YNNPACK);
-  v3 "+xla_dw":   v2 with XLA's own kernel gradient everywhere: the current CPU_POLICY.
+  v3 "+xla_dw":   v2 with XLA's own kernel gradient everywhere;
+  v4 "+dot_bias": v3 with conv bias gradients as a ones-vector dot: the current CPU_POLICY.
 Same model, data and timing as bench_vs_torch.py (float32, 2 torch threads); figures are medians over rounds.
 """
 
@@ -32,11 +33,12 @@ from msnet.models import CPU_POLICY, compiler_options  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ablation.json")
 PREVIOUS = dataclasses.replace(CPU_POLICY, fwd=((2, "im2col"), (1 << 30, "xla")), dx=((2, "im2col"), (1 << 30, "xla")),
-                               dw=((1 << 30, "im2col"),), block_pool=False)
+                               dw=((1 << 30, "im2col"),), block_pool=False, dot_bias_grad=False)
 POOL = dataclasses.replace(PREVIOUS, block_pool=True)
+XLA_DW = dataclasses.replace(CPU_POLICY, dot_bias_grad=False)
 # name -> (conv policy, XLA compiler options)
 VARIANTS = {"v0_previous": (PREVIOUS, {}), "v1_pool": (POOL, {}), "v2_eigen": (POOL, compiler_options()),
-            "v3_xla_dw": (CPU_POLICY, compiler_options())}
+            "v3_xla_dw": (XLA_DW, compiler_options()), "v4_dot_bias": (CPU_POLICY, compiler_options())}
 
 
 def main() -> None:

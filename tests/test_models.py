@@ -86,6 +86,32 @@ def test_block_max_pool_equals_nn_max_pool_with_ties(shape):
   np.testing.assert_array_equal(layers.max_pool(x, 3, 2, policy=CPU_POLICY), nn.max_pool(x, (3, 3), (2, 2)))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dot_bias_grad_equals_the_summed_gradient(dtype):
+  """CPU_POLICY's bias gradient (a dot) against a float64 NumPy sum of the same cotangent, and the
+  whole layer's gradients against XLA_POLICY's plain `y + b`."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((4, 16, 16, 8)), dtype)
+  dy = rng.standard_normal((4, 16, 16, 32))
+  grads = {}
+  for name, policy in (("dot", CPU_POLICY), ("plain", XLA_POLICY)):
+    layer = models.layers.Conv(32, dtype=dtype, policy=policy)
+    params = layer.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+    out, vjp = jax.vjp(lambda p, x: layer.apply(p, x), params, x)
+    grads[name] = (out, *vjp(jnp.asarray(dy, out.dtype)))
+  out_dot, gp_dot, gx_dot = grads["dot"]
+  out_plain, gp_plain, gx_plain = grads["plain"]
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_array_equal(np.asarray(out_dot, np.float32), np.asarray(out_plain, np.float32))
+  np.testing.assert_array_equal(np.asarray(gx_dot, np.float32), np.asarray(gx_plain, np.float32))
+  want = np.asarray(jnp.asarray(dy, dtype), np.float64).reshape(-1, 32).sum(0)
+  got = np.asarray(gp_dot["params"]["bias"], np.float64)
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+  np.testing.assert_allclose(np.asarray(gp_dot["params"]["kernel"], np.float32),
+                             np.asarray(gp_plain["params"]["kernel"], np.float32), rtol=tol, atol=tol)
+
+
 def test_compiler_options_select_eigen_convs_with_the_same_result():
   """compiler_options() must still be understood by this jaxlib (an unknown option is an error, a renamed
   enum would silently bring back YNNPACK convs): no YNNPACK conv fusion in the compiled step, same values."""

@@ -124,11 +124,12 @@ def test_two_processes_train_like_one(runs):
   # Same data, order and sharding; only float32 rounding differs: XLA's CPU convs (Eigen's forward, the
   # kernel-gradient conv) sum in an order that depends on the process layout. The losses agree to ~1e-5;
   # the tiny test net then amplifies the rounding through ReLU/GroupNorm to ~1-2% of its smallest
-  # parameters. A wrong shard or batch changes the losses by 1e-3 or more.
+  # parameters. A wrong shard or batch changes the losses by 1e-3 or more. Conv biases under GroupNorm
+  # have an exact gradient of 0 (the norm subtracts the mean): they hold only rounding noise, ~1e-7.
   np.testing.assert_allclose(_losses(runs["multi"], "baseline"), _losses(runs["single"], "baseline"),
                              rtol=1e-4, atol=1e-6)
   for a, b in zip(_params(runs["multi"], "baseline"), _params(runs["single"], "baseline"), strict=True):
-    assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b) + 1e-7
+    assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b) + 1e-6
 
 
 def test_killed_process_resumes_from_checkpoint(runs):

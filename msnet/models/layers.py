@@ -48,14 +48,16 @@ class ConvPolicy:
   `fwd`, `dx`, `dw` are tuples of (max_size, impl); a pass uses the first entry whose bound is >= the
   map size. `dw_rows`: the im2col kernel gradient runs over batch chunks of about this many output
   pixels (a scan), which keeps the patch matrix in cache. `block_pool`: 2x2/2 max pools as a reshape + max with an elementwise gradient (6-20x faster backward
-  than XLA:CPU's select-and-scatter). Chosen by measurement (benchmarks/bench_models.py,
-  benchmarks/bench_ablation.py).
+  than XLA:CPU's select-and-scatter). `dot_bias_grad`: a conv bias's gradient (dy summed over batch
+  and pixels) as a ones-vector product, a dot, instead of XLA:CPU's reduction (11x faster at
+  128x32x32x64). Chosen by measurement (benchmarks/bench_models.py, benchmarks/bench_ablation.py).
   """
   fwd: tuple[tuple[int, str], ...] = ((2, "im2col"), (1 << 30, "xla"))
   dx: tuple[tuple[int, str], ...] = ((2, "im2col"), (1 << 30, "xla"))
   dw: tuple[tuple[int, str], ...] = ((1 << 30, "xla"),)
   dw_rows: int = 2048
   block_pool: bool = True
+  dot_bias_grad: bool = True
 
   def pick(self, table: tuple[tuple[int, str], ...], size: int) -> str:
     for bound, impl in table:
@@ -66,7 +68,7 @@ class ConvPolicy:
 
 CPU_POLICY = ConvPolicy()
 XLA_POLICY = ConvPolicy(fwd=((1 << 30, "xla"),), dx=((1 << 30, "xla"),), dw=((1 << 30, "xla"),),
-                        block_pool=False)
+                        block_pool=False, dot_bias_grad=False)
 
 # XLA:CPU (jaxlib 0.10.2) hands convolutions to YNNPACK by default. Eigen's convolutions, which XLA uses
 # without it, are faster for every 3x3 conv of the CIFAR VGG-16 on the project CPU: 2.2x forward and 3.6x
@@ -204,7 +206,33 @@ class Conv(nn.Module):
     k = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     b = self.param("bias", nn.initializers.zeros, (self.features,))
     y = conv2d(x.astype(self.dtype), k.astype(self.dtype), self.stride, self.padding, self.policy)
+    if (self.policy or default_policy()).dot_bias_grad:
+      return _bias_add_dot_grad(y, b.astype(self.dtype))
     return y + b.astype(self.dtype)
+
+
+@jax.custom_vjp
+def _bias_add_dot_grad(y: Array, b: Array) -> Array:
+  """y + b over the last axis; b's gradient is ones @ dy.reshape(-1, C), a dot with f32 accumulation.
+
+  XLA:CPU lowers the plain gradient, dy summed over batch and pixels, to a windowed reduction that
+  takes 31 ms at 128x32x32x64 against 2.8 ms as a dot (benchmarks/bench_models.py): about 95 ms of a
+  CIFAR VGG-16 train step at batch 128.
+  """
+  return y + b
+
+
+def _bias_add_dot_grad_fwd(y: Array, b: Array) -> tuple[Array, None]:
+  return y + b, None
+
+
+def _bias_add_dot_grad_bwd(_: None, dy: Array) -> tuple[Array, Array]:
+  rows = dy.reshape(-1, dy.shape[-1])
+  db = jnp.dot(jnp.ones((rows.shape[0],), dy.dtype), rows, preferred_element_type=jnp.float32)
+  return dy, db.astype(dy.dtype)
+
+
+_bias_add_dot_grad.defvjp(_bias_add_dot_grad_fwd, _bias_add_dot_grad_bwd)
 
 
 def max_pool(x: Array, window: int, stride: int, padding: str = "VALID", policy: ConvPolicy | None = None) -> Array:
