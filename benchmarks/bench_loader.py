@@ -100,15 +100,13 @@ def bench_degrade(images: int, root: pathlib.Path) -> dict:
   return out
 
 
-def demo_train_step_rate(batch: int, steps: int) -> float:
+def demo_train_step_rate(model, batch: int, steps: int) -> float:
   """Images/s of a jitted train step of the demo config's baseline model (K=1), compiled and warm."""
   import jax
   from msnet.models import layers
   from bench_models import model_steps
 
-  model = demo_config().model
-  _, train = model_steps(model.width, batch, 1, layers.default_policy(), model_cfg=model,
-                         fc_width=model.fc_width)
+  _, train = model_steps(model.width, batch, 1, layers.default_policy(), model_cfg=model)
   start = time.perf_counter()
   for _ in range(steps):
     jax.block_until_ready(train())
@@ -129,8 +127,9 @@ def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> di
   degrade.run_degrade(c, workdir, specs=["clean"])
   mesh = parallel.make_mesh([("data", -1)])
   print(f"loaders: {images} clean records, global batch {batch}, {jax.device_count()} device(s)")
-  step_rate = demo_train_step_rate(batch, steps)
-  print(f"  demo config train step (model width {demo_config().model.width}, batch {batch}): {step_rate:7.0f} img/s")
+  model = demo_config().model
+  step_rate = demo_train_step_rate(model, batch, steps)
+  print(f"  demo config train step (model width {model.width}, batch {batch}): {step_rate:7.0f} img/s")
   rates = []
   for workers in (0, 1):
     start = time.perf_counter()

@@ -84,6 +84,16 @@ def bench_layers(batch: int, width: float, reps: int, image: int = 32, ynn: bool
       f = jit(lambda x, d, p=pool: jax.vjp(p, x)[1](d)[0])
       cells.append(f"{name}={best_ms(f, x, dy, reps=reps):.1f}")
     print(f"{size:2d}x{size:<2d} {cout:3d}: " + " ".join(cells), flush=True)
+  print("\n# conv bias gradient ms (XLA's sum over batch and pixels vs msnet's ones-vector dot)")
+  for size, _, cout in VGG_CONVS[::2]:
+    size, cout = size * image // 32, L.scaled(cout, width)
+    y = jnp.asarray(rng.normal(size=(batch, size, size, cout)), jnp.float32)
+    b = jnp.zeros((cout,), jnp.float32)
+    cells = []
+    for name, add in (("sum", lambda y, b: y + b), ("dot", L._bias_add_dot_grad)):
+      f = jit(lambda y, b, a=add: jax.vjp(a, y, b)[1](y)[1])
+      cells.append(f"{name}={best_ms(f, y, b, reps=reps):.1f}")
+    print(f"{size:2d}x{size:<2d} {cout:3d}: " + " ".join(cells), flush=True)
 
 
 def model_steps(width: float, batch: int, k: int, policy: L.ConvPolicy, *, variant: str = "cifar",

@@ -55,7 +55,6 @@ import tqdm
 from msnet import config as config_lib, decision, degradations, models, parallel
 from msnet import train as train_lib
 from msnet.data import loader, shards
-from msnet.models import compiler_options
 
 ROW_FIELDS = ("method", "spec", "sweeps", "kind", "level", "codec", "codec_level", "pre", "top1", "top5", "n",
               "correct1", "correct5", "ci95_low", "ci95_high", "psnr", "bpp")
@@ -228,7 +227,7 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
 
   repl = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(repl, *shardings, repl, parallel.data_sharding(mesh)), out_shardings=repl,
-                 compiler_options=compiler_options())
+                 compiler_options=models.compiler_options())
 
 
 def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int], name: str = "single"
@@ -243,7 +242,7 @@ def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[s
 
   repl = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(repl, param_shardings, parallel.data_sharding(mesh)), out_shardings=repl,
-                 compiler_options=compiler_options())
+                 compiler_options=models.compiler_options())
 
 
 def _fetch(tree: Any) -> Any:

@@ -95,7 +95,7 @@ def test_dot_bias_grad_equals_the_summed_gradient(dtype):
   dy = rng.standard_normal((4, 16, 16, 32))
   grads = {}
   for name, policy in (("dot", CPU_POLICY), ("plain", XLA_POLICY)):
-    layer = models.layers.Conv(32, dtype=dtype, policy=policy)
+    layer = layers.Conv(32, dtype=dtype, policy=policy)
     params = layer.init(jax.random.key(0), x)
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
     out, vjp = jax.vjp(lambda p, x: layer.apply(p, x), params, x)

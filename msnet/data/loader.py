@@ -94,15 +94,14 @@ def train_dataset(sources: Sequence[Any], weights: Sequence[float] | None, seed:
                   local_batch: int, process_index: int, process_count: int,
                   label_key: str = "label") -> grain.MapDataset:
   """The infinite dataset of one process's local batches (the random-access part of TrainLoader)."""
-  offsets = np.cumsum([0] + [len(s) for s in sources])
-  ids = [grain.MapDataset.range(int(offsets[i]), int(offsets[i + 1])) for i in range(len(sources))]
+  reader = _BatchReader(sources, {"label": label_key}, seed if hflip else None, local_batch, process_index,
+                        process_count)
+  ids = [grain.MapDataset.range(int(a), int(b)) for a, b in zip(reader.offsets[:-1], reader.offsets[1:])]
   if weights is None:
     ds = grain.MapDataset.concatenate(ids).shuffle(seed)
   else:
     ds = grain.MapDataset.mix([r.shuffle(seed + 1 + i) for i, r in enumerate(ids)], list(weights))
   ds = ds.repeat().batch(local_batch, drop_remainder=True)[process_index::process_count]
-  reader = _BatchReader(sources, {"label": label_key}, seed if hflip else None, local_batch, process_index,
-                        process_count)
   return ds.map_with_index(reader)
 
 

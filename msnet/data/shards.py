@@ -60,11 +60,16 @@ def encode_record(image: np.ndarray, meta: dict[str, Any]) -> bytes:
   return _HEADER.pack(len(header)) + header + np.ascontiguousarray(image).tobytes()
 
 
+def _parse(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
+  """(header, HxWx3 uint8 view of the pixels) of one record."""
+  (n,) = _HEADER.unpack_from(data)
+  header = json.loads(data[4:4 + n])
+  return header, np.frombuffer(data, dtype=np.uint8, offset=4 + n).reshape(header["h"], header["w"], 3)
+
+
 def decode_record(data: bytes) -> dict[str, Any]:
   """A record as the dict `open_shards` returns (bpp NaN when there is no codec)."""
-  (n,) = _HEADER.unpack_from(data)
-  h = json.loads(data[4:4 + n])
-  image = np.frombuffer(data, dtype=np.uint8, offset=4 + n).reshape(h["h"], h["w"], 3)
+  h, image = _parse(data)
   return {
       "image": image, "label": h["label"], "spec": h["spec"], "bin": h["bin"],
       "bitstream_bin": h["bitstream_bin"], "index": h["index"], "psnr": float(h["psnr"]),
@@ -83,14 +88,13 @@ def decode_batch(records: Sequence[bytes], keys: Sequence[str]) -> dict[str, np.
   images: np.ndarray | None = None
   fields: dict[str, list[int]] = {k: [] for k in keys}
   for j, data in enumerate(records):
-    (n,) = _HEADER.unpack_from(data)
-    header = json.loads(data[4:4 + n])
+    header, image = _parse(data)
     if images is None:
-      images = np.empty((len(records), header["h"], header["w"], 3), np.uint8)
-    elif (header["h"], header["w"]) != images.shape[1:3]:
+      images = np.empty((len(records), *image.shape), np.uint8)
+    elif image.shape != images.shape[1:]:
       raise ValueError(f"record {j} of the batch is {header['h']}x{header['w']}, the first "
                        f"{images.shape[1]}x{images.shape[2]}: one batch holds one image size")
-    images[j] = np.frombuffer(data, dtype=np.uint8, offset=4 + n).reshape(images.shape[1:])
+    images[j] = image
     for k in keys:
       fields[k].append(header[k])
   return {"image": images, **{k: np.asarray(v, np.int32) for k, v in fields.items()}}

@@ -123,7 +123,8 @@ def _check_layout(lib: ctypes.CDLL) -> None:
   if overrun or raw[size - 1] == 0xA5 or wrong:
     raise OpenJpegError(
         f"libopenjp2 {lib.opj_version().decode()}: opj_cparameters_t does not match msnet's OpenJPEG 2.x "
-        f"layout (size {size} bytes; fields off: {wrong or 'none'}; bytes written past the end: {overrun}). Install the imagecodecs version pinned in pyproject.toml.")
+        f"layout (size {size} bytes; fields off: {wrong or 'none'}; bytes written past the end: {overrun}). "
+        "Install the imagecodecs version pinned in pyproject.toml.")
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """Convolution and pooling that are fast on XLA:CPU without changing the math, and the small layers the nets share.
 
-Three things make the CPU fast (each measured in benchmarks/bench_models.py and bench_ablation.py):
+Four things make the CPU fast (each measured in benchmarks/bench_models.py and bench_ablation.py):
 - `compiler_options()`: every jit that runs a model compiles its convolutions with Eigen instead of
   YNNPACK (XLA:CPU's default in jaxlib 0.10.2), 1.2-3.6x faster for VGG's 3x3 convs here.
 - `conv2d`: XLA:CPU lowers a 3x3 convolution on 2x2 maps to a kernel that runs at ~3 GFLOP/s, ~100x slower
@@ -9,7 +9,9 @@ Three things make the CPU fast (each measured in benchmarks/bench_models.py and 
   convolution, with a hand-written backward pass (custom VJP) built from the same pieces. Everything else
   (strided, VALID, non-square) goes to `lax.conv_general_dilated`.
 - `max_pool`: 2x2/2 pooling as a reshape + max whose gradient is one elementwise pass, instead of XLA:CPU's
-  select-and-scatter (6-20x slower backward at VGG's sizes); the same values and gradients, ties included.
+  select-and-scatter (4-18x slower backward at VGG's sizes); the same values and gradients, ties included.
+- `Conv`: the bias's gradient as a ones-vector dot instead of XLA:CPU's reduction over batch and pixels
+  (9x slower at 128x32x32x64).
 
 Formulations (all compute sum_{i,j,c} xpad[b, h+i, w+j, c] * k[i, j, c, d]):
   "xla":    lax.conv_general_dilated.
@@ -47,10 +49,9 @@ class ConvPolicy:
 
   `fwd`, `dx`, `dw` are tuples of (max_size, impl); a pass uses the first entry whose bound is >= the
   map size. `dw_rows`: the im2col kernel gradient runs over batch chunks of about this many output
-  pixels (a scan), which keeps the patch matrix in cache. `block_pool`: 2x2/2 max pools as a reshape + max with an elementwise gradient (6-20x faster backward
-  than XLA:CPU's select-and-scatter). `dot_bias_grad`: a conv bias's gradient (dy summed over batch
-  and pixels) as a ones-vector product, a dot, instead of XLA:CPU's reduction (11x faster at
-  128x32x32x64). Chosen by measurement (benchmarks/bench_models.py, benchmarks/bench_ablation.py).
+  pixels (a scan), which keeps the patch matrix in cache. `block_pool`: 2x2/2 max pools by `_block_max`.
+  `dot_bias_grad`: conv bias gradients by `_bias_add_dot_grad`. Chosen by measurement
+  (benchmarks/bench_models.py, benchmarks/bench_ablation.py).
   """
   fwd: tuple[tuple[int, str], ...] = ((2, "im2col"), (1 << 30, "xla"))
   dx: tuple[tuple[int, str], ...] = ((2, "im2col"), (1 << 30, "xla"))
@@ -216,14 +217,14 @@ def _bias_add_dot_grad(y: Array, b: Array) -> Array:
   """y + b over the last axis; b's gradient is ones @ dy.reshape(-1, C), a dot with f32 accumulation.
 
   XLA:CPU lowers the plain gradient, dy summed over batch and pixels, to a windowed reduction that
-  takes 31 ms at 128x32x32x64 against 2.8 ms as a dot (benchmarks/bench_models.py): about 95 ms of a
-  CIFAR VGG-16 train step at batch 128.
+  takes 32 ms at 128x32x32x64 against 3.6 ms as a dot (benchmarks/bench_models.py, "bias gradient"):
+  about 95 ms of a CIFAR VGG-16 train step at batch 128.
   """
   return y + b
 
 
 def _bias_add_dot_grad_fwd(y: Array, b: Array) -> tuple[Array, None]:
-  return y + b, None
+  return _bias_add_dot_grad(y, b), None
 
 
 def _bias_add_dot_grad_bwd(_: None, dy: Array) -> tuple[Array, Array]:
@@ -254,8 +255,8 @@ def _windows(x: Array, window: int) -> Array:
 def _block_max(x: Array, window: int) -> Array:
   """Max over non-overlapping windows as a reshape and a reduction. Its gradient goes to the first maximum
   of each window in row-major order, like XLA's select-and-scatter (the gradient of `nn.max_pool`), but as
-  one elementwise pass: XLA:CPU's select-and-scatter is 3-6x slower at VGG's sizes
-  (benchmarks/bench_models.py)."""
+  one elementwise pass: XLA:CPU's select-and-scatter is 4-18x slower at VGG's sizes, batch 128
+  (benchmarks/bench_models.py, "max pool backward")."""
   return _windows(x, window).max(axis=(2, 4))
 
 

@@ -29,7 +29,6 @@ from etils import epath
 
 from msnet import config as config_lib, models
 from msnet.data import shards
-from msnet.models import compiler_options
 from msnet.train import loop, step as step_lib
 
 DA_TRAINABLE = {
@@ -176,7 +175,7 @@ def run_deepcloak(config: ml_collections.ConfigDict, workdir: Any, batch_size: i
   params = jax.device_put(_from_baseline(workdir, "deepcloak")())
   model = _slave(config)
 
-  @functools.partial(jax.jit, compiler_options=compiler_options())
+  @functools.partial(jax.jit, compiler_options=models.compiler_options())
   def channel_diff(p: Any, x_clean: jax.Array, x_deg: jax.Array) -> jax.Array:
     def features(x: jax.Array) -> jax.Array:
       return model.apply({"params": p}, x, method="trunk_features").astype(jnp.float32)
