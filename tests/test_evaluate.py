@@ -23,6 +23,7 @@ from msnet import config as config_lib
 from msnet import evaluate, models
 from msnet import train as train_lib
 from msnet.data import shards
+from msnet.evaluate import run as evaluate_run
 
 RECORDS = 37            # not a multiple of the global batch: the last batch is padded
 GLOBAL_BATCH = 16       # 2 per fake device
@@ -222,8 +223,8 @@ def test_resume_skips_finished_specs(trained: dict[str, Any], monkeypatch: pytes
     evaluate.run_evaluate(cfg, workdir)
   before = json.loads((workdir / "eval" / "results.json").read_text())["rows"]
   calls = []
-  real = evaluate.evaluate_spec
-  monkeypatch.setattr(evaluate, "evaluate_spec", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+  real = evaluate_run.evaluate_spec
+  monkeypatch.setattr(evaluate_run, "evaluate_spec", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
 
   assert evaluate.run_evaluate(cfg, workdir) == before
   assert calls == []

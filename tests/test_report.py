@@ -14,7 +14,7 @@ import pytest
 
 from msnet import config as config_lib
 from msnet import report
-from msnet.report import tables
+from msnet.report import claims, tables
 
 SWEEPS = {
     "clean": ["clean"],
@@ -174,5 +174,5 @@ def test_pct_change_undefined_when_baseline_does_not_degrade() -> None:
           for r in _rows()]
   t1 = tables.table1(rows)
   assert all(math.isnan(r["pct_change"]) for r in t1)
-  text = "\n".join(report._claims_section(rows, t1))
+  text = "\n".join(claims.claims_section(rows, t1))
   assert text.count("% change is undefined") == 2 and "AMS -%" not in text

@@ -1,6 +1,6 @@
 """The numbers of the report, computed from result rows only: Table 1, corruption errors, the master, claims.
 
-Everything here is plain Python over the rows of W/eval/results.json (see msnet/evaluate.py for their
+Everything here is plain Python over the rows of W/eval/results.json (see msnet/evaluate/__init__.py for their
 fields), so a report can be rebuilt on a laptop without JAX or the models.
 """
 

@@ -1,0 +1,46 @@
+"""`msnet evaluate`: every method over every spec of the configured sweeps, as masked sums on the mesh.
+
+A method is a function from (params, batch) to [B, C] class probabilities. They run in two model groups,
+each one jitted function with explicit shardings, compiled once for the whole sweep (the eval batch shape
+is fixed; padding rows are masked):
+  shared: everything computed from the baseline's trunk, which runs once per batch: the heads of the K=1
+          methods whose trunk is bitwise the baseline's (baseline, da_fc8/67/678) and the assembled slave's
+          K branches, stacked into one vmapped call; every branch alone (`branch_<bin>`), AMS, the oracle
+          and bitstream routings and, with the master (run once too), MS and MAP all come from the same
+          [K, B, C] slave logits; DeepCloak is the baseline head on the masked trunk features. It also
+          counts the master's and the bitstream's bin confusion.
+  single: K=1 networks with a trunk of their own (stability trains every layer; the AlexNet baseline),
+          one jitted step per architecture, one call per method.
+Methods whose training stages are not complete are skipped, printed and listed in the meta as "missing".
+Sums are global arrays reduced by jit across devices and processes and fetched once per spec.
+
+Outputs (process 0 writes):
+  W/eval/cells.jsonl   one line per finished spec (the resume log; a rerun skips specs whose line has
+                       the same set of methods).
+  W/eval/results.json  {"rows": [...], "meta": {...}}: a row per (method, spec) with ROW_FIELDS:
+                         method, spec (canonical), sweeps (names of the sweeps holding the spec),
+                         kind, level (the last op: "jpeg" 10.0, "noise" 20.0, "clean" null),
+                         codec, codec_level (the chain's last codec, "" / null without one),
+                         pre (canonical chain before the last op, "" for a single op),
+                         top1, top5 (fractions), n, correct1, correct5 (counts),
+                         ci95_low, ci95_high (Wilson 95% interval of top1),
+                         psnr (mean over images with finite PSNR, null if all identical), bpp (mean or null).
+                       meta: methods, missing ({method: why}), bins, sweeps ({name: canonical specs}),
+                         specs, evaluated_now, global_batch, devices, processes, traces (compiles per
+                         group in this call), flops (per image: slave, master, baseline), wall_s.
+  W/eval/results.csv   the same rows (sweeps joined with ';', null as empty).
+  W/eval/master.json   {"bins": [...], "specs": {spec: {n, true_bin, master_accuracy, master_confusion,
+                       bitstream_accuracy, bitstream_confusion}}}; confusion rows = true bin.
+  W/eval/receptive_fields.json  [{arch, variant, layers: [{layer, rf, stride}]}] for the report's Fig. 1c
+                       (the report imports no model code).
+"""
+
+from msnet.evaluate.groups import Groups, build_groups
+from msnet.evaluate.plan import ROUTED, Plan, make_plan, method_names, spec_plan, stage_done
+from msnet.evaluate.results import ROW_FIELDS, read_cells, rows_of, spec_fields, spec_stats, wilson, write_results
+from msnet.evaluate.run import evaluate_spec, run_evaluate
+from msnet.evaluate.steps import Layout, make_shared_step, make_single_step
+
+__all__ = ["ROUTED", "ROW_FIELDS", "Groups", "Layout", "Plan", "build_groups", "evaluate_spec", "make_plan",
+           "make_shared_step", "make_single_step", "method_names", "read_cells", "rows_of", "run_evaluate",
+           "spec_fields", "spec_plan", "spec_stats", "stage_done", "wilson", "write_results"]

@@ -1,0 +1,117 @@
+"""Every method's params loaded, sorted into the shared-trunk group or a group of their own, placed and jitted."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from msnet import config as config_lib, models, parallel
+from msnet import train as train_lib
+from msnet.evaluate.plan import Plan, stage_done
+from msnet.evaluate.steps import Layout, make_shared_step, make_single_step
+
+
+@dataclasses.dataclass
+class Groups:
+  """The two jitted steps and their placed arguments, built once per run."""
+  shared_step: Callable[..., dict[str, jax.Array]]
+  shared_args: tuple[Any, Any, Any, Any]        # params, dc_params, master_params, feature_mask
+  layout: Layout
+  single: dict[str, tuple[Callable[..., dict[str, jax.Array]], Any]]  # method -> (its arch's step, placed params)
+  traces: dict[str, int]
+  flops: dict[str, float]
+
+
+def _same(a: Any, b: Any) -> bool:
+  """Bitwise-equal pytrees (a method whose trunk equals the baseline's can share its forward pass)."""
+  return (jax.tree.structure(a) == jax.tree.structure(b)
+          and all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan: Plan, mesh: Any) -> Groups:
+  """Load every method's params, sort the methods into the two groups, place the params, jit the steps.
+
+  A K=1 method joins the shared group when its trunk is bitwise the baseline's (the DA stages train fc
+  layers only; the branches freeze the trunk; DeepCloak masks the baseline's features), so its result is
+  exactly that of its own full forward pass; the others (stability trains everything) run on their own.
+  """
+  num_classes, num_bins, size = config.data.num_classes, len(config.bins), config.data.image_size
+  rules = config.sharding_rules
+
+  def place(params: Any) -> tuple[Any, Any]:
+    shardings = parallel.param_shardings(params, mesh, rules)
+    return jax.device_put(params, shardings), shardings
+
+  base = train_lib.load_params(workdir, "baseline") if stage_done(workdir, "baseline") else None
+  single_model = models.build_slave(config.model, num_classes, 1)
+  flops = {"baseline": float(models.flops_per_image(single_model, base, size))} if base is not None else {}
+  heads, own = {}, {}
+  for m in plan.single:
+    if m == "deepcloak":
+      continue
+    params = base if m == "baseline" else train_lib.load_params(workdir, m)
+    if base is not None and _same(params["trunk"], base["trunk"]):
+      heads[m] = params["branches"]
+    else:
+      own[m] = params
+  branches = list(heads.values())
+  slave_k = 0
+  if plan.slave:
+    slave = train_lib.load_slave_params(workdir, config)
+    if not _same(slave["trunk"], base["trunk"]):
+      raise ValueError("evaluate: the assembled slave's trunk differs from the baseline's; the branch stages "
+                       "must train with the trunk frozen")
+    branches.append(slave["branches"])
+    slave_k = num_bins
+    flops["slave"] = float(models.flops_per_image(models.build_slave(config.model, num_classes, num_bins),
+                                                  slave, size))
+  layout = Layout(heads=list(heads), slave=slave_k,
+                  branch_names=[f"branch_{b.name}" for b in config.bins] if plan.branches else [],
+                  deepcloak="deepcloak" in plan.single, master=plan.master, routed=list(plan.routed))
+
+  traces: dict[str, int] = {}
+  module = params = params_sh = None
+  if branches or layout.deepcloak:
+    module = models.build_slave(config.model, num_classes,
+                                max(1, sum(jax.tree.leaves(b)[0].shape[0] for b in branches)))
+    stacked = {"trunk": base["trunk"]}
+    if branches:
+      stacked["branches"] = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *branches)
+    params, params_sh = place(stacked)
+  dc_params = dc_sh = feature_mask = None
+  if layout.deepcloak:
+    dc_params, dc_sh = place({"branches": base["branches"]})
+    feature_mask = jax.device_put(np.asarray(train_lib.load_feature_mask(workdir), np.float32),
+                                  parallel.replicated(mesh))
+  master = master_params = master_sh = None
+  if plan.master:
+    master = models.build_master(config.master, num_bins)
+    loaded = train_lib.load_params(workdir, "master")
+    flops["master"] = float(models.flops_per_image(master, loaded, size))
+    master_params, master_sh = place(loaded)
+  shared_step = make_shared_step(module, single_model, master, layout, num_bins, mesh,
+                                 (params_sh, dc_sh, master_sh), traces)
+
+  # Methods with a trunk of their own: one jitted step per architecture (VGG-16: stability; AlexNet).
+  single, steps = {}, {}
+  for m, p in own.items():
+    if m == "alexnet_baseline":
+      arch_cfg = config_lib.alexnet_model(config)
+      model = models.build_slave(arch_cfg, num_classes, 1)
+    else:
+      arch_cfg, model = config.model, single_model
+    expected = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                                                 jnp.zeros((1, size, size, 3), jnp.uint8))["params"])
+    if jax.tree.structure(p) != jax.tree.structure(expected):
+      raise ValueError(f"evaluate: params of stage {m!r} do not match the {arch_cfg.arch} model of this config")
+    shardings = parallel.param_shardings(p, mesh, rules)
+    if arch_cfg.arch not in steps:
+      steps[arch_cfg.arch] = make_single_step(model, mesh, shardings, traces, name=f"single_{arch_cfg.arch}")
+    single[m] = (steps[arch_cfg.arch], jax.device_put(p, shardings))
+  return Groups(shared_step, (params, dc_params, master_params, feature_mask), layout, single, traces, flops)

@@ -1,0 +1,128 @@
+"""The run: every spec not yet in the resume log, all methods at once, then the result files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from msnet import degradations, models, parallel
+from msnet.data import loader
+from msnet.evaluate.groups import Groups, build_groups
+from msnet.evaluate.plan import make_plan, method_names, spec_plan
+from msnet.evaluate.results import append_cell, read_cells, rows_of, spec_fields, spec_stats, write_results
+from msnet.evaluate.steps import fetch, zeros
+
+BATCH_KEYS = ("image", "label", "bin", "bitstream_bin", "mask")
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[msnet] evaluate: {message}", file=sys.stderr, flush=True)
+
+
+def receptive_fields(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """Per-layer receptive fields of VGG-16 and AlexNet (the run's variant and the paper's ImageNet one)."""
+  nets = []
+  for variant in dict.fromkeys((config.model.variant, "imagenet")):
+    for arch in ("vgg16", "alexnet"):
+      try:
+        nets.append(dict(arch=arch, variant=variant, layers=list(models.receptive_fields(arch, variant))))
+      except ValueError as e:
+        _log(f"no receptive fields for {arch}/{variant}: {e}")
+  return nets
+
+
+def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec: str, groups: Groups,
+                  mesh: Any, total_batches: int | None) -> dict[str, Any]:
+  """All methods on one spec's eval shards -> the spec's cell: counts per method and the bin confusions."""
+  num_bins = len(config.bins)
+  repl = parallel.replicated(mesh)
+  outputs = groups.layout.outputs
+  acc = jax.device_put(zeros(max(len(outputs), 1), num_bins), repl)
+  acc_single = {m: jax.device_put(zeros(1), repl) for m in groups.single}
+  bar = tqdm.tqdm(total=total_batches, desc=spec, unit="batch", leave=False, disable=jax.process_index() != 0)
+  for batch in loader.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh):
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    acc = groups.shared_step(acc, *groups.shared_args, batch)
+    for m, (single_step, params) in groups.single.items():
+      acc_single[m] = single_step(acc_single[m], params, batch)
+    bar.update(1)
+  bar.close()
+  shared, own = fetch(acc), fetch(acc_single)
+  n = int(shared["n"])
+  counts = {m: dict(correct1=int(shared["correct1"][i]), correct5=int(shared["correct5"][i]), n=n)
+            for i, m in enumerate(outputs)}
+  counts.update({m: dict(correct1=int(v["correct1"][0]), correct5=int(v["correct5"][0]), n=int(v["n"]))
+                 for m, v in own.items()})
+  bit_conf = shared["bitstream_confusion"].astype(int)
+  master: dict[str, Any] = dict(
+      n=n, true_bin=degradations.bin_of(spec, [list(b.match) for b in config.bins]),
+      master_accuracy=None, master_confusion=None,
+      bitstream_accuracy=float(np.trace(bit_conf)) / n if n else None, bitstream_confusion=bit_conf.tolist())
+  if groups.layout.master:
+    conf = shared["master_confusion"].astype(int)
+    master.update(master_accuracy=float(np.trace(conf)) / n if n else None, master_confusion=conf.tolist())
+  return dict(spec=spec, counts=counts, master=master)
+
+
+def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[str, Any]]:
+  """Evaluate every method over the configured sweeps; returns the result rows (also written to W/eval)."""
+  start = time.perf_counter()
+  workdir = pathlib.Path(workdir)
+  out = workdir / "eval"
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    out.mkdir(parents=True, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh)
+  plan = make_plan(config, workdir)
+  names = method_names(config, plan)
+  if plan.missing:
+    _log("WARNING: skipping methods whose training stages are not complete: "
+         + "; ".join(f"{m} ({why})" for m, why in plan.missing.items()))
+  if not names:
+    raise RuntimeError("evaluate: no method can run (no training stage is complete); run `msnet train` first")
+
+  spec_sweeps = spec_plan(config)
+  cells = read_cells(out / "cells.jsonl")
+  done = np.array([s in cells and cells[s]["methods"] == sorted(names) for s in spec_sweeps], np.int32)
+  if jax.process_count() > 1:  # every process must skip the same specs, whatever its view of the filesystem
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  todo = [s for s, d in zip(spec_sweeps, done) if not d]
+  _log(f"{len(names)} methods x {len(spec_sweeps)} specs ({len(spec_sweeps) - len(todo)} already done)")
+
+  groups = build_groups(config, workdir, plan, mesh)
+  if is_writer:
+    (out / "receptive_fields.json").write_text(json.dumps(receptive_fields(config), indent=1) + "\n")
+  gb = config.evaluate.global_batch
+  for spec in tqdm.tqdm(todo, desc="evaluate", unit="spec", disable=not is_writer):
+    t0 = time.perf_counter()
+    quality = spec_stats(workdir, config.data.eval_split, spec)
+    cell = evaluate_spec(config, workdir, spec, groups, mesh, -(-quality["records"] // gb))
+    cell.update(methods=sorted(names), counts={m: cell["counts"][m] for m in names}, fields=spec_fields(spec),
+                quality=quality, wall_s=round(time.perf_counter() - t0, 3))
+    if is_writer:
+      append_cell(out / "cells.jsonl", cell)
+    cells[spec] = cell
+
+  rows = [r for s, sw in spec_sweeps.items() for r in rows_of(cells[s], sw)]
+  meta = dict(methods=names, missing=plan.missing, bins=[b.name for b in config.bins],
+              sweeps={name: [str(degradations.parse(s)) for s in config.sweeps[name]]
+                      for name in config.evaluate.sweeps},
+              specs=list(spec_sweeps), evaluated_now=todo, global_batch=gb, devices=jax.device_count(),
+              processes=jax.process_count(), traces=dict(groups.traces), flops=groups.flops,
+              groups={"shared": groups.layout.outputs, "single": list(groups.single)},
+              wall_s=round(time.perf_counter() - start, 3))
+  if is_writer:
+    write_results(out, rows, meta)
+    master = dict(bins=meta["bins"], specs={s: cells[s]["master"] for s in spec_sweeps})
+    (out / "master.json").write_text(json.dumps(master, indent=1) + "\n")
+  return rows

@@ -1,0 +1,137 @@
+"""The jitted groups: masked top-1/top-5 sums and bin confusions of a batch, reduced across devices by jit."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msnet import decision, models, parallel
+
+TOP_K = 5
+
+
+def _counts(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masked top-1 and top-5 correct counts of probs [M, B, C] -> ([M], [M]) int32.
+
+  Top-1 is argmax (first index on ties, as NumPy); top-k counts the label when fewer than k classes have a
+  strictly higher probability, which never depends on how ties are broken among the others. A NaN row
+  (the oracle rules give one for a bin outside the branches) counts as wrong.
+  """
+  k = min(TOP_K, probs.shape[-1])
+  p_label = jnp.take_along_axis(probs, labels[None, :, None], axis=-1)
+  top1 = jnp.argmax(probs, axis=-1) == labels[None, :]
+  topk = jnp.sum(probs > p_label, axis=-1) < k
+  m = (mask[None, :] & ~jnp.any(jnp.isnan(probs), axis=-1)).astype(jnp.int32)
+  return jnp.sum(top1 * m, axis=1, dtype=jnp.int32), jnp.sum(topk * m, axis=1, dtype=jnp.int32)
+
+
+def _confusion(true: jax.Array, pred: jax.Array, mask: jax.Array, k: int) -> jax.Array:
+  """[k, k] masked counts, rows = true bin (a reduction, not a matmul, so the batch axis may stay sharded)."""
+  t = jax.nn.one_hot(true, k, dtype=jnp.int32) * mask[:, None].astype(jnp.int32)
+  p = jax.nn.one_hot(pred, k, dtype=jnp.int32)
+  return jnp.sum(t[:, :, None] * p[:, None, :], axis=0)
+
+
+def zeros(num_outputs: int, num_bins: int = 0) -> dict[str, jax.Array]:
+  acc = {"correct1": jnp.zeros((num_outputs,), jnp.int32), "correct5": jnp.zeros((num_outputs,), jnp.int32),
+         "n": jnp.zeros((), jnp.int32)}
+  if num_bins:
+    acc["master_confusion"] = jnp.zeros((num_bins, num_bins), jnp.int32)
+    acc["bitstream_confusion"] = jnp.zeros((num_bins, num_bins), jnp.int32)
+  return acc
+
+
+def _heads(module: Any, features: jax.Array) -> jax.Array:
+  """The slave's vmapped branches alone, on given trunk features -> [K, B, C] float32 logits."""
+  return module.branches(features, False).astype(jnp.float32)
+
+
+@dataclasses.dataclass
+class Layout:
+  """How the shared-trunk step lays out its outputs (fixed when it is built, so it compiles once).
+
+  heads: names of the K=1 methods whose branch is stacked first in the params (baseline, da_*);
+  slave: K when the assembled slave's branches follow them, else 0; branch_names: the `branch_<bin>`
+  names reported for those branches ([] when "branches" is not evaluated); deepcloak: the baseline head
+  on masked features; master: MS/MAP need it; routed: the rules computed from the slave's logits.
+  """
+  heads: list[str]
+  slave: int
+  branch_names: list[str]
+  deepcloak: bool
+  master: bool
+  routed: list[str]
+
+  @property
+  def outputs(self) -> list[str]:
+    return [*self.heads, *self.branch_names, *(["deepcloak"] if self.deepcloak else []), *self.routed]
+
+
+def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, num_bins: int, mesh: Any,
+                     shardings: tuple[Any, Any, Any], traces: dict[str, int]) -> Callable[..., dict[str, jax.Array]]:
+  """acc, params, dc_params, master_params, feature_mask, batch -> acc plus this batch's sums.
+
+  The trunk runs once; every stacked head (K=1 methods sharing the baseline's trunk, then the slave's K
+  branches) runs on its features in one vmapped call; DeepCloak's head on the masked features; the master
+  once. Unused arguments are None.
+  """
+  n_heads = len(layout.heads)
+
+  def step(acc, params, dc_params, master_params, feature_mask, batch):
+    traces["shared"] = traces.get("shared", 0) + 1
+    mask = batch["mask"]
+    out = dict(acc, n=acc["n"] + jnp.sum(mask, dtype=jnp.int32))
+    out["bitstream_confusion"] = acc["bitstream_confusion"] + _confusion(batch["bin"], batch["bitstream_bin"],
+                                                                         mask, num_bins)
+    master_logits = None
+    if layout.master:
+      master_logits = master.apply({"params": master_params}, batch["image"]).astype(jnp.float32)
+      out["master_confusion"] = acc["master_confusion"] + _confusion(
+          batch["bin"], jnp.argmax(master_logits, axis=-1), mask, num_bins)
+    if module is None:  # no method needs the trunk
+      return out
+    features = module.apply({"params": params}, batch["image"], method="trunk_features")
+    probs = []
+    if n_heads or layout.slave:
+      logits = module.apply({"params": params}, features, method=_heads)   # [heads + slave K, B, C]
+      probs.append(jax.nn.softmax(logits[:n_heads + (layout.slave if layout.branch_names else 0)], axis=-1))
+      slave = logits[n_heads:]
+    if layout.deepcloak:
+      masked = features * feature_mask.astype(features.dtype)
+      probs.append(jax.nn.softmax(dc_module.apply({"params": dc_params}, masked, method=_heads), axis=-1))
+    rules = {"ms": lambda: decision.ms(slave, master_logits), "ams": lambda: decision.ams(slave),
+             "map": lambda: decision.map_rule(slave, master_logits),
+             "oracle": lambda: decision.oracle(slave, batch["bin"]),
+             "bitstream": lambda: decision.oracle(slave, batch["bitstream_bin"])}
+    probs += [rules[r]()[None] for r in layout.routed]
+    c1, c5 = _counts(jnp.concatenate(probs, axis=0), batch["label"], mask)
+    out["correct1"], out["correct5"] = acc["correct1"] + c1, acc["correct5"] + c5
+    return out
+
+  repl = parallel.replicated(mesh)
+  return jax.jit(step, in_shardings=(repl, *shardings, repl, parallel.data_sharding(mesh)), out_shardings=repl,
+                 compiler_options=models.compiler_options())
+
+
+def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int], name: str = "single"
+                     ) -> Callable[..., dict[str, jax.Array]]:
+  """acc, params, batch -> acc: one whole K=1 network (a method with its own trunk, e.g. stability)."""
+  def step(acc, params, batch):
+    traces[name] = traces.get(name, 0) + 1
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    c1, c5 = _counts(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["label"], batch["mask"])
+    return {"correct1": acc["correct1"] + c1, "correct5": acc["correct5"] + c5,
+            "n": acc["n"] + jnp.sum(batch["mask"], dtype=jnp.int32)}
+
+  repl = parallel.replicated(mesh)
+  return jax.jit(step, in_shardings=(repl, param_shardings, parallel.data_sharding(mesh)), out_shardings=repl,
+                 compiler_options=models.compiler_options())
+
+
+def fetch(tree: Any) -> Any:
+  """Replicated global arrays -> NumPy (the local copy; valid on every process)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
