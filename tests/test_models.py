@@ -304,3 +304,47 @@ def test_fast_conv_under_batch_sharding():
   got, want = grad(xs, kernel, ALL_IM2COL), grad(x, kernel, XLA_POLICY)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4 * float(jnp.abs(r).max()))
+
+
+def test_resplit_params_moves_the_cut_without_changing_the_logits():
+  """One network cut at several depths, both ways: the same logits as the network it was cut from."""
+  cfg = small_cfg(trunk_layers=7, norm="group")  # GroupNorm params must move with their conv
+  table = models.model_table(cfg, 10)
+  x = images()
+  base = fake_params(build_slave(cfg, 10, 1), x)
+  reference = jax.jit(build_slave(cfg, 10, 1).apply)({"params": base}, x)
+
+  def logits(params, depth, k):
+    return jax.jit(build_slave(small_cfg(trunk_layers=depth, norm="group"), 10, k).apply)({"params": params}, x)
+
+  for depth, first_branch in ((1, "conv1_2"), (4, "conv3_1"), (13, "fc6")):
+    moved = models.resplit_params(base, table, depth)
+    assert sorted(moved["trunk"]) == sorted(n + s for n in models.trunk_weight_layers(table, depth)
+                                            for s in ("", "_norm"))
+    assert first_branch in moved["branches"] and moved["branches"][first_branch]["kernel"].shape[0] == 1
+    np.testing.assert_allclose(logits(moved, depth, 1), reference, rtol=1e-5, atol=1e-6)
+    back = models.resplit_params(moved, table, 7)
+    assert jax.tree.structure(back) == jax.tree.structure(base)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(base)))
+  deep_to_shallow = models.resplit_params(models.resplit_params(base, table, 13), table, 1)
+  np.testing.assert_allclose(logits(deep_to_shallow, 1, 1), reference, rtol=1e-5, atol=1e-6)
+
+  # K=3 branches tiled from the baseline, one of them fine-tuned after the cut: conv3_* may rejoin the trunk
+  # (equal in every branch), conv5_1 stays per branch.
+  slave = tile_branches(models.resplit_params(base, table, 4), 3)
+  kernel = slave["branches"]["conv5_1"]["kernel"]
+  tuned = kernel.at[1].add(normal(1, kernel.shape[1:]) * 0.05)  # He scale here: ~0.06
+  slave = {**slave, "branches": {**slave["branches"], "conv5_1": {**slave["branches"]["conv5_1"], "kernel": tuned}}}
+  at7 = models.resplit_params(slave, table, 7)
+  assert at7["branches"]["fc8"]["kernel"].shape[0] == 3 and "conv3_1" in at7["trunk"]
+  np.testing.assert_allclose(logits(at7, 7, 3), logits(slave, 4, 3), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(logits(at7, 7, 3)[1], reference[0], atol=1e-3)  # the tuned branch is kept
+
+  # A layer trained per branch cannot join the one-copy trunk; foreign params and depths are refused.
+  with pytest.raises(ValueError, match=r"branches/conv5_1\['kernel'\] differs between the 3 branches"):
+    models.resplit_params(slave, table, 11)
+  alexnet = models.model_table(small_cfg(arch="alexnet"), 10)
+  with pytest.raises(ValueError, match=r"trunk layers \['conv1', 'conv2'\] are not in the params"):
+    models.resplit_params(base, alexnet, 2)
+  with pytest.raises(ValueError, match="trunk_layers=14"):
+    models.resplit_params(base, table, 14)

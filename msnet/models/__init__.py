@@ -6,10 +6,11 @@ from msnet.models.layers import (CPU_POLICY, XLA_POLICY, Conv, ConvPolicy, Layer
                                  normalize_input)
 from msnet.models.master import Master, build_master
 from msnet.models.pretrained import load_pretrained_vgg16
-from msnet.models.slave import Slave, build_slave, model_table, tile_branches
+from msnet.models.slave import (Slave, build_slave, model_table, move_to_trunk, resplit_params, tile_branches,
+                                trunk_weight_layers)
 
 __all__ = [
     "CPU_POLICY", "Conv", "ConvPolicy", "LayerSpec", "Master", "Slave", "XLA_POLICY", "build_master",
     "build_slave", "compiler_options", "conv2d", "flops_per_image", "layer_flops", "load_pretrained_vgg16", "model_table",
-    "normalize_input", "receptive_fields", "tile_branches",
+    "move_to_trunk", "normalize_input", "receptive_fields", "resplit_params", "tile_branches", "trunk_weight_layers",
 ]

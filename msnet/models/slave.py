@@ -4,18 +4,20 @@ Param tree: {"trunk": {"conv1_1": {"kernel", "bias"}, ...}, "branches": {"conv5_
 (plus "<conv>_norm" {"scale", "bias"} with norm="group"); every leaf under "branches" has a leading axis K.
 All K branches run on the same trunk features in one vmapped computation and return logits [K, B, C].
 The baseline network is the slave with K=1; `tile_branches` copies its branch K times so every branch
-starts from the baseline.
+starts from the baseline. Trunk and branches are one network cut at `trunk_layers`, so `resplit_params` moves
+the cut (a relabelling of params: same logits), and one trained baseline serves every trunk depth.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from msnet.models.alexnet import alexnet_table
 from msnet.models.layers import ConvPolicy, LayerSpec, Stack, normalize_input
@@ -101,3 +103,58 @@ def tile_branches(params: Mapping[str, Any], k: int) -> dict[str, Any]:
     return jnp.repeat(leaf, k, axis=0)
 
   return {**params, "branches": jax.tree_util.tree_map_with_path(tile, params["branches"])}
+
+
+def trunk_weight_layers(table: tuple[LayerSpec, ...], trunk_layers: int) -> list[str]:
+  """Names of the weight layers (convs, and fcs for AlexNet-like tables) in the trunk at `trunk_layers`."""
+  return [s.name for s in table[:trunk_size(table, trunk_layers)] if s.kind != "pool"]
+
+
+def resplit_params(params: Mapping[str, Any], table: tuple[LayerSpec, ...], trunk_layers: int) -> dict[str, Any]:
+  """Slave params (with K branches) cut at `trunk_layers` instead of wherever they were cut before.
+
+  The same network under `Slave(table, trunk_size(table, trunk_layers), K)` gives the same logits. Layers
+  leaving the trunk get the leading K axis (every branch the same copy); layers joining the trunk must be
+  equal in all K branches (always true for the K=1 baseline), since the trunk holds one copy.
+  """
+  return move_to_trunk(params, trunk_weight_layers(table, trunk_layers))
+
+
+def _layer_of(key: str) -> str:
+  """The weight layer a param group belongs to: a conv's GroupNorm ("conv3_1_norm") moves with its conv."""
+  return key.removesuffix("_norm")
+
+
+def move_to_trunk(params: Mapping[str, Any], trunk: Collection[str]) -> dict[str, Any]:
+  """Slave params with exactly the weight layers named in `trunk` (and their norms) in the trunk.
+
+  The name-level core of `resplit_params`, for callers that recorded the trunk's layer names rather than a
+  config (a re-split baseline's DONE.json).
+  """
+  if "trunk" not in params or "branches" not in params:
+    raise KeyError(f"slave params need 'trunk' and 'branches' (top-level keys: {sorted(params)})")
+  trunk = set(trunk)
+  known = {_layer_of(k) for part in ("trunk", "branches") for k in params[part]}
+  if unknown := sorted(trunk - known):
+    raise ValueError(f"trunk layers {unknown} are not in the params (their layers: {sorted(known)}); the params "
+                     "belong to another network than the one being re-split to")
+  k = jax.tree.leaves(params["branches"])[0].shape[0]
+  new_trunk, new_branches = {}, {}
+  for key, p in params["trunk"].items():
+    if _layer_of(key) in trunk:
+      new_trunk[key] = p
+    else:
+      new_branches[key] = jax.tree.map(lambda x: x[None].repeat(k, axis=0), p)
+  for key, p in params["branches"].items():
+    if _layer_of(key) not in trunk:
+      new_branches[key] = p
+      continue
+    for path, x in jax.tree_util.tree_leaves_with_path(p):
+      host = np.asarray(x)
+      if not (host == host[:1]).all():
+        raise ValueError(
+            f"branches/{key}{jax.tree_util.keystr(path)} differs between the {k} branches, so it cannot move into "
+            f"the shared trunk (one copy). Re-split the K=1 baseline to this depth instead and fine-tune the "
+            f"branches there (msnet.train loads the baseline re-split to config.model.trunk_layers)")
+    new_trunk[key] = jax.tree.map(lambda x: x[0], p)
+  return {**params, "trunk": new_trunk, "branches": new_branches}
