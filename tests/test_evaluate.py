@@ -1,9 +1,10 @@
 """`msnet evaluate` on tiny random-init models and tiny hand-written eval shards, on 8 fake CPU devices.
 
 Proves: every record is counted exactly once (n = records, padding masked), every method's top-1/top-5
-equal a NumPy recomputation from the same logits, each spec is evaluated once even when two sweeps
-share it, untrained methods are skipped and listed, one compile per model group for the whole sweep,
-and a rerun skips the specs already in cells.jsonl.
+equal a NumPy recomputation from the same logits and so does every record's top-1 kept for the report's
+bootstrap, each spec is evaluated once even when two sweeps share it, untrained methods are skipped and
+listed, one compile per model group for the whole sweep, and a rerun skips the specs already in
+cells.jsonl that have their per-image file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from msnet import evaluate, models
 from msnet import train as train_lib
 from msnet.data import shards
 from msnet.evaluate import run as evaluate_run
+from msnet.report import stats
 
 RECORDS = 37            # not a multiple of the global batch: the last batch is padded
 GLOBAL_BATCH = 16       # 2 per fake device
@@ -85,11 +87,12 @@ def _softmax(x: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
-def _counts(probs: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
-  top1 = int(np.sum(np.argmax(probs, -1) == labels))
+def _counts(probs: np.ndarray, labels: np.ndarray) -> tuple[int, int, np.ndarray]:
+  """Top-1 and top-5 counts and top-1 per record."""
+  top1 = np.argmax(probs, -1) == labels
   p_label = np.take_along_axis(probs, labels[:, None], -1)
   top5 = int(np.sum(np.sum(probs > p_label, -1) < 5))
-  return top1, top5
+  return int(top1.sum()), top5, top1
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +100,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   workdir = tmp_path_factory.mktemp("w")
   cfg = _config()
   data = _write_shards(workdir, np.random.default_rng(0))
+  # Two unreadable source records skipped by degrade (the specs' shards are summarised from their records).
+  (workdir / "data" / "manifest.json").write_text(json.dumps({"splits": {"test": {"skipped": [3, 7], "specs": {}}}}))
   for stage in DONE_STAGES:
     (workdir / "train" / stage).mkdir(parents=True)
     (workdir / "train" / stage / "DONE.json").write_text(json.dumps({"wall_time_s": 1.0}))
@@ -132,8 +137,8 @@ def trained(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str,
   return setup
 
 
-def _reference(setup: dict[str, Any], spec: str) -> dict[str, tuple[int, int]]:
-  """Every method's (top1, top5) counts recomputed in NumPy from the models' logits on the raw records."""
+def _reference(setup: dict[str, Any], spec: str) -> dict[str, tuple[int, int, np.ndarray]]:
+  """Every method's (top1, top5) counts and top-1 per record recomputed in NumPy from the models' logits on the raw records."""
   d, p, apply = setup["data"][spec], setup["params"], setup["apply"]
   x, labels = jnp.asarray(d["image"]), d["label"]
   branch = _softmax(apply["slave"](p["slave"], x))           # [K, B, C]
@@ -161,10 +166,14 @@ def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pyt
   rows = evaluate.run_evaluate(cfg, workdir)
   results = json.loads((workdir / "eval" / "results.json").read_text())
   meta = results["meta"]
+  correct = stats.load_correct(workdir / "eval")
+  assert len(correct) == len(results["rows"])
 
   # Untrained stages are skipped, listed in the meta and printed.
   assert set(meta["missing"]) == {"da_fc67", "da_fc678"}
-  assert "da_fc67" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "da_fc67" in err
+  assert meta["skipped"] == 2 and f"n = {RECORDS} records per spec (2 source records skipped as unreadable)" in err
   methods = {"baseline", "da_fc8", "stability", "alexnet_baseline", "deepcloak", "branch_clean", "branch_jpeg", "branch_jp2k",
              "ms", "ams", "map", "oracle", "bitstream"}
   assert set(meta["methods"]) == methods
@@ -181,10 +190,13 @@ def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pyt
     ref = _reference(trained, spec)
     mine = {r["method"]: r for r in results["rows"] if r["spec"] == spec}
     assert set(mine) == methods
-    for m, (top1, top5) in ref.items():
+    for m, (top1, top5, per_image) in ref.items():
       r = mine[m]
       assert r["n"] == RECORDS, (spec, m)
       assert (r["correct1"], r["correct5"]) == (top1, top5), (spec, m)
+      # Per-image top-1 in record order (two shard files for jpeg:10, a padded last batch), summing to the count.
+      assert np.array_equal(correct[(m, spec)], per_image), (spec, m)
+      assert int(correct[(m, spec)].sum()) == r["correct1"]
       assert r["top1"] == pytest.approx(top1 / RECORDS) and r["top5"] == pytest.approx(top5 / RECORDS)
       assert r["ci95_low"] <= r["top1"] <= r["ci95_high"]
     psnr = trained["data"][spec]["psnr"]
@@ -237,11 +249,16 @@ def test_resume_skips_finished_specs(trained: dict[str, Any], monkeypatch: pytes
   assert evaluate.run_evaluate(cfg, workdir) == before
   assert calls == ["jp2k:100"]
 
+  # A logged spec without its per-image file (evaluated before they were kept, or deleted) is evaluated again.
+  evaluate.correct_path(workdir / "eval", "blur:1@4").unlink()
+  assert evaluate.run_evaluate(cfg, workdir) == before
+  assert calls == ["jp2k:100", "blur:1@4"]
+
   # A different set of methods is a different cell: everything is evaluated again (here DeepCloak needs
   # the trunk without any stacked head, and stability runs alone).
   cfg = _config()
   cfg.evaluate.methods = ["deepcloak", "stability"]
   rows = evaluate.run_evaluate(cfg, workdir)
-  assert len(calls) == 1 + len(SPECS) and {r["method"] for r in rows} == {"deepcloak", "stability"}
+  assert len(calls) == 2 + len(SPECS) and {r["method"] for r in rows} == {"deepcloak", "stability"}
   key = lambda r: (r["spec"], r["method"], r["correct1"], r["correct5"])  # noqa: E731
   assert sorted(map(key, rows)) == sorted(key(r) for r in before if r["method"] in ("deepcloak", "stability"))

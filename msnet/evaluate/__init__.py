@@ -16,7 +16,7 @@ Sums are global arrays reduced by jit across devices and processes and fetched o
 
 Outputs (process 0 writes):
   W/eval/cells.jsonl   one line per finished spec (the resume log; a rerun skips specs whose line has
-                       the same set of methods).
+                       the same set of methods and whose per-image file exists).
   W/eval/results.json  {"rows": [...], "meta": {...}}: a row per (method, spec) with ROW_FIELDS:
                          method, spec (canonical), sweeps (names of the sweeps holding the spec),
                          kind, level (the last op: "jpeg" 10.0, "noise" 20.0, "clean" null),
@@ -26,9 +26,13 @@ Outputs (process 0 writes):
                          ci95_low, ci95_high (Wilson 95% interval of top1),
                          psnr (mean over images with finite PSNR, null if all identical), bpp (mean or null).
                        meta: methods, missing ({method: why}), bins, sweeps ({name: canonical specs}),
-                         specs, evaluated_now, global_batch, devices, processes, traces (compiles per
-                         group in this call), flops (per image: slave, master, baseline), wall_s.
+                         specs, skipped (count of source records degrade skipped as unreadable, what n leaves
+                         out; null without a manifest), evaluated_now, global_batch, devices, processes, traces
+                         (compiles per group in this call), flops (per image: slave, master, baseline), wall_s.
   W/eval/results.csv   the same rows (sweeps joined with ';', null as empty).
+  W/eval/correct/<spec slug>.npz  every method's top-1 per record of the spec (packed bits, record order: every
+                       spec holds the same source records in the same order), for the report's paired bootstrap;
+                       see results.write_correct.
   W/eval/master.json   {"bins": [...], "specs": {spec: {n, true_bin, master_accuracy, master_confusion,
                        bitstream_accuracy, bitstream_confusion}}}; confusion rows = true bin.
   W/eval/receptive_fields.json  [{arch, variant, layers: [{layer, rf, stride}]}] for the report's Fig. 1c
@@ -37,10 +41,12 @@ Outputs (process 0 writes):
 
 from msnet.evaluate.groups import Groups, build_groups
 from msnet.evaluate.plan import ROUTED, Plan, make_plan, method_names, spec_plan, stage_done
-from msnet.evaluate.results import ROW_FIELDS, read_cells, rows_of, spec_fields, spec_stats, wilson, write_results
+from msnet.evaluate.results import (ROW_FIELDS, correct_path, read_cells, rows_of, skipped_records, spec_fields,
+                                   spec_stats, wilson, write_correct, write_results)
 from msnet.evaluate.run import evaluate_spec, run_evaluate
 from msnet.evaluate.steps import Layout, make_shared_step, make_single_step
 
-__all__ = ["ROUTED", "ROW_FIELDS", "Groups", "Layout", "Plan", "build_groups", "evaluate_spec", "make_plan",
-           "make_shared_step", "make_single_step", "method_names", "read_cells", "rows_of", "run_evaluate",
-           "spec_fields", "spec_plan", "spec_stats", "stage_done", "wilson", "write_results"]
+__all__ = ["ROUTED", "ROW_FIELDS", "Groups", "Layout", "Plan", "build_groups", "correct_path", "evaluate_spec",
+           "make_plan", "make_shared_step", "make_single_step", "method_names", "read_cells", "rows_of",
+           "run_evaluate", "skipped_records", "spec_fields", "spec_plan", "spec_stats", "stage_done", "wilson",
+           "write_correct", "write_results"]

@@ -17,6 +17,7 @@ from msnet.data import shards
 ROW_FIELDS = ("method", "spec", "sweeps", "kind", "level", "codec", "codec_level", "pre", "top1", "top5", "n",
               "correct1", "correct5", "ci95_low", "ci95_high", "psnr", "bpp")
 Z95 = 1.959963984540054
+CORRECT_DIR = "correct"
 
 
 def spec_fields(spec: str) -> dict[str, Any]:
@@ -63,6 +64,14 @@ def spec_stats(workdir: pathlib.Path, split: str, spec: str) -> dict[str, Any]:
               bpp=float(bpp.mean()) if bpp.size else None)
 
 
+def skipped_records(workdir: pathlib.Path, split: str) -> list[int] | None:
+  """Source indices of the split's records that degrade skipped as unreadable (absent from every spec), or None
+  without a manifest: what n does not cover."""
+  manifest = shards.read_json(workdir / "data" / "manifest.json") or {}
+  entry = manifest.get("splits", {}).get(split)
+  return None if entry is None or "skipped" not in entry else [int(i) for i in entry["skipped"]]
+
+
 def _finite_or_none(v: Any) -> float | None:
   return float(v) if v is not None and math.isfinite(float(v)) else None
 
@@ -94,6 +103,29 @@ def append_cell(path: pathlib.Path, cell: dict[str, Any]) -> None:
   with path.open("a") as f:
     f.write(("\n" if torn else "") + json.dumps(cell) + "\n")
     f.flush()
+
+
+def correct_path(eval_dir: pathlib.Path, spec: str) -> pathlib.Path:
+  return eval_dir / CORRECT_DIR / f"{degradations.spec_slug(spec)}.npz"
+
+
+def write_correct(eval_dir: pathlib.Path, spec: str, correct: dict[str, np.ndarray]) -> None:
+  """W/eval/correct/<spec slug>.npz: every method's top-1 per record of one spec, packed 8 to a byte.
+
+  Keys: "spec" (canonical), "n" and "top1.<method>" (np.packbits of bool [n], record order); read by
+  msnet.report.stats.load_correct. Written whole before the spec's cells.jsonl line, so a logged cell
+  always has its file.
+  """
+  path = correct_path(eval_dir, spec)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  n = {len(v) for v in correct.values()}
+  if len(n) != 1:
+    raise ValueError(f"evaluate: methods of spec {spec!r} have per-image results of different lengths {sorted(n)}")
+  tmp = path.with_name(path.name + ".tmp")
+  with tmp.open("wb") as f:
+    np.savez(f, spec=np.array(spec), n=np.array(n.pop()),
+             **{f"top1.{m}": np.packbits(np.asarray(v, bool)) for m, v in correct.items()})
+  tmp.replace(path)
 
 
 def rows_of(cell: dict[str, Any], sweeps: list[str]) -> list[dict[str, Any]]:

@@ -17,8 +17,9 @@ from msnet import degradations, models, parallel
 from msnet.data import loader
 from msnet.evaluate.groups import Groups, build_groups
 from msnet.evaluate.plan import make_plan, method_names, spec_plan
-from msnet.evaluate.results import append_cell, read_cells, rows_of, spec_fields, spec_stats, write_results
-from msnet.evaluate.steps import fetch, zeros
+from msnet.evaluate.results import (append_cell, correct_path, read_cells, rows_of, skipped_records, spec_fields,
+                                   spec_stats, write_correct, write_results)
+from msnet.evaluate.steps import fetch, gather_rows, local_rows, zeros
 
 BATCH_KEYS = ("image", "label", "bin", "bitstream_bin", "mask")
 
@@ -42,21 +43,27 @@ def receptive_fields(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec: str, groups: Groups,
                   mesh: Any, total_batches: int | None) -> dict[str, Any]:
-  """All methods on one spec's eval shards -> the spec's cell: counts per method and the bin confusions."""
+  """All methods on one spec's eval shards -> the spec's cell: counts per method, the bin confusions and, under
+  "correct", each method's top-1 per record in record order (bool [n]; the counts' per-image form)."""
   num_bins = len(config.bins)
   repl = parallel.replicated(mesh)
   outputs = groups.layout.outputs
   acc = jax.device_put(zeros(max(len(outputs), 1), num_bins), repl)
   acc_single = {m: jax.device_put(zeros(1), repl) for m in groups.single}
+  per_batch: list[tuple[list[jax.Array], jax.Array]] = []  # fetched once at the end: the loop never waits on the device
   bar = tqdm.tqdm(total=total_batches, desc=spec, unit="batch", leave=False, disable=jax.process_index() != 0)
   for batch in loader.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh):
     batch = {k: batch[k] for k in BATCH_KEYS}
-    acc = groups.shared_step(acc, *groups.shared_args, batch)
+    acc, top1 = groups.shared_step(acc, *groups.shared_args, batch)
+    per_image = [top1]
     for m, (single_step, params) in groups.single.items():
-      acc_single[m] = single_step(acc_single[m], params, batch)
+      acc_single[m], top1 = single_step(acc_single[m], params, batch)
+      per_image.append(top1)
+    per_batch.append((per_image, batch["mask"]))
     bar.update(1)
   bar.close()
   shared, own = fetch(acc), fetch(acc_single)
+  correct = _per_image(per_batch, [*outputs, *groups.single], mesh)
   n = int(shared["n"])
   counts = {m: dict(correct1=int(shared["correct1"][i]), correct5=int(shared["correct5"][i]), n=n)
             for i, m in enumerate(outputs)}
@@ -70,7 +77,20 @@ def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec
   if groups.layout.master:
     conf = shared["master_confusion"].astype(int)
     master.update(master_accuracy=float(np.trace(conf)) / n if n else None, master_confusion=conf.tolist())
-  return dict(spec=spec, counts=counts, master=master)
+  return dict(spec=spec, counts=counts, master=master, correct=correct)
+
+
+def _per_image(per_batch: list[tuple[list[jax.Array], jax.Array]], names: list[str], mesh: Any
+               ) -> dict[str, np.ndarray]:
+  """Per batch: the groups' [B, outputs] top-1 arrays and the mask -> method -> bool [n] over all processes,
+  in record order."""
+  if not per_batch:
+    return {m: np.zeros(0, bool) for m in names}
+  local = np.concatenate([np.concatenate([*(local_rows(x, mesh) for x in top1), local_rows(mask, mesh)[:, None]],
+                                         axis=1) for top1, mask in per_batch])
+  rows = gather_rows(local)
+  rows = rows[rows[:, -1]]
+  return {m: rows[:, i].copy() for i, m in enumerate(names)}
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[str, Any]]:
@@ -92,7 +112,8 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[s
 
   spec_sweeps = spec_plan(config)
   cells = read_cells(out / "cells.jsonl")
-  done = np.array([s in cells and cells[s]["methods"] == sorted(names) for s in spec_sweeps], np.int32)
+  done = np.array([s in cells and cells[s]["methods"] == sorted(names) and correct_path(out, s).exists()
+                   for s in spec_sweeps], np.int32)
   if jax.process_count() > 1:  # every process must skip the same specs, whatever its view of the filesystem
     from jax.experimental import multihost_utils  # noqa: PLC0415
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
@@ -107,17 +128,23 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[s
     t0 = time.perf_counter()
     quality = spec_stats(workdir, config.data.eval_split, spec)
     cell = evaluate_spec(config, workdir, spec, groups, mesh, -(-quality["records"] // gb))
+    correct = cell.pop("correct")
     cell.update(methods=sorted(names), counts={m: cell["counts"][m] for m in names}, fields=spec_fields(spec),
                 quality=quality, wall_s=round(time.perf_counter() - t0, 3))
     if is_writer:
+      write_correct(out, spec, {m: correct[m] for m in names})
       append_cell(out / "cells.jsonl", cell)
     cells[spec] = cell
 
   rows = [r for s, sw in spec_sweeps.items() for r in rows_of(cells[s], sw)]
+  skipped = skipped_records(workdir, config.data.eval_split)
+  n = sorted({r["n"] for r in rows})
+  _log(f"n = {', '.join(map(str, n))} records per spec"
+       + ("" if skipped is None else f" ({len(skipped)} source records skipped as unreadable)"))
   meta = dict(methods=names, missing=plan.missing, bins=[b.name for b in config.bins],
               sweeps={name: [str(degradations.parse(s)) for s in config.sweeps[name]]
                       for name in config.evaluate.sweeps},
-              specs=list(spec_sweeps), evaluated_now=todo, global_batch=gb, devices=jax.device_count(),
+              specs=list(spec_sweeps), skipped=None if skipped is None else len(skipped), evaluated_now=todo, global_batch=gb, devices=jax.device_count(),
               processes=jax.process_count(), traces=dict(groups.traces), flops=groups.flops,
               groups={"shared": groups.layout.outputs, "single": list(groups.single)},
               wall_s=round(time.perf_counter() - start, 3))

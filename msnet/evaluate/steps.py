@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from msnet import decision, models, parallel
@@ -14,19 +15,20 @@ from msnet import decision, models, parallel
 TOP_K = 5
 
 
-def _counts(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Masked top-1 and top-5 correct counts of probs [M, B, C] -> ([M], [M]) int32.
+def _counts(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked top-1 and top-5 correct counts of probs [M, B, C] -> ([M], [M]) int32, and top-1 per image [B, M].
 
   Top-1 is argmax (first index on ties, as NumPy); top-k counts the label when fewer than k classes have a
   strictly higher probability, which never depends on how ties are broken among the others. A NaN row
-  (the oracle rules give one for a bin outside the branches) counts as wrong.
+  (the oracle rules give one for a bin outside the branches) counts as wrong. The per-image top-1 keeps
+  the batch axis leading, so it stays sharded like the batch.
   """
   k = min(TOP_K, probs.shape[-1])
   p_label = jnp.take_along_axis(probs, labels[None, :, None], axis=-1)
-  top1 = jnp.argmax(probs, axis=-1) == labels[None, :]
-  topk = jnp.sum(probs > p_label, axis=-1) < k
-  m = (mask[None, :] & ~jnp.any(jnp.isnan(probs), axis=-1)).astype(jnp.int32)
-  return jnp.sum(top1 * m, axis=1, dtype=jnp.int32), jnp.sum(topk * m, axis=1, dtype=jnp.int32)
+  m = mask[None, :] & ~jnp.any(jnp.isnan(probs), axis=-1)
+  top1 = (jnp.argmax(probs, axis=-1) == labels[None, :]) & m
+  topk = (jnp.sum(probs > p_label, axis=-1) < k) & m
+  return jnp.sum(top1, axis=1, dtype=jnp.int32), jnp.sum(topk, axis=1, dtype=jnp.int32), top1.T
 
 
 def _confusion(true: jax.Array, pred: jax.Array, mask: jax.Array, k: int) -> jax.Array:
@@ -72,8 +74,10 @@ class Layout:
 
 
 def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, num_bins: int, mesh: Any,
-                     shardings: tuple[Any, Any, Any], traces: dict[str, int]) -> Callable[..., dict[str, jax.Array]]:
-  """acc, params, dc_params, master_params, feature_mask, batch -> acc plus this batch's sums.
+                     shardings: tuple[Any, Any, Any], traces: dict[str, int]
+                     ) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
+  """acc, params, dc_params, master_params, feature_mask, batch -> (acc plus this batch's sums, top-1 per image
+  [B, outputs]).
 
   The trunk runs once; every stacked head (K=1 methods sharing the baseline's trunk, then the slave's K
   branches) runs on its features in one vmapped call; DeepCloak's head on the masked features; the master
@@ -93,7 +97,7 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
       out["master_confusion"] = acc["master_confusion"] + _confusion(
           batch["bin"], jnp.argmax(master_logits, axis=-1), mask, num_bins)
     if module is None:  # no method needs the trunk
-      return out
+      return out, jnp.zeros((mask.shape[0], 0), bool)
     features = module.apply({"params": params}, batch["image"], method="trunk_features")
     probs = []
     if n_heads or layout.slave:
@@ -108,28 +112,45 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
              "oracle": lambda: decision.oracle(slave, batch["bin"]),
              "bitstream": lambda: decision.oracle(slave, batch["bitstream_bin"])}
     probs += [rules[r]()[None] for r in layout.routed]
-    c1, c5 = _counts(jnp.concatenate(probs, axis=0), batch["label"], mask)
+    c1, c5, top1 = _counts(jnp.concatenate(probs, axis=0), batch["label"], mask)
     out["correct1"], out["correct5"] = acc["correct1"] + c1, acc["correct5"] + c5
-    return out
+    return out, top1
 
-  repl = parallel.replicated(mesh)
-  return jax.jit(step, in_shardings=(repl, *shardings, repl, parallel.data_sharding(mesh)), out_shardings=repl,
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(step, in_shardings=(repl, *shardings, repl, data), out_shardings=(repl, data),
                  compiler_options=models.compiler_options())
 
 
 def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int], name: str = "single"
-                     ) -> Callable[..., dict[str, jax.Array]]:
-  """acc, params, batch -> acc: one whole K=1 network (a method with its own trunk, e.g. stability)."""
+                     ) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
+  """acc, params, batch -> (acc, top-1 per image [B, 1]): one whole K=1 network (a method with its own trunk,
+  e.g. stability)."""
   def step(acc, params, batch):
     traces[name] = traces.get(name, 0) + 1
     logits = model.apply({"params": params}, batch["image"], train=False)
-    c1, c5 = _counts(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["label"], batch["mask"])
+    c1, c5, top1 = _counts(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["label"], batch["mask"])
     return {"correct1": acc["correct1"] + c1, "correct5": acc["correct5"] + c5,
-            "n": acc["n"] + jnp.sum(batch["mask"], dtype=jnp.int32)}
+            "n": acc["n"] + jnp.sum(batch["mask"], dtype=jnp.int32)}, top1
 
-  repl = parallel.replicated(mesh)
-  return jax.jit(step, in_shardings=(repl, param_shardings, parallel.data_sharding(mesh)), out_shardings=repl,
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(step, in_shardings=(repl, param_shardings, data), out_shardings=(repl, data),
                  compiler_options=models.compiler_options())
+
+
+def local_rows(x: jax.Array, mesh: Any) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in the order it fed them to the batch."""
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, parallel.data_sharding(mesh).spec))
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+  """Every process's rows of equal-length local arrays, concatenated in process order (one collective).
+
+  Process p holds records [p * per, (p + 1) * per) of a spec (parallel.process_slice), so after dropping
+  the padding rows the result is in record order.
+  """
+  if jax.process_count() == 1:
+    return local
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def fetch(tree: Any) -> Any:
