@@ -9,12 +9,15 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 from PIL import Image
 import pytest
 
 from msnet import config as config_lib
 from msnet import report
-from msnet.report import claims, tables
+from msnet.evaluate import results as eval_results
+from msnet.report import claims, sections, tables
+from msnet.report import run as report_run
 
 SWEEPS = {
     "clean": ["clean"],
@@ -62,11 +65,30 @@ def _rows() -> list[dict]:
   return rows
 
 
-def _write_workdir(w: pathlib.Path) -> None:
+def _correct(rows: list[dict], nested: bool) -> dict[tuple[str, str], np.ndarray]:
+  """Per-image top-1 matching each row's count. nested: per spec, a method with more correct images is right on
+  a superset of the images another gets right (as for related networks: hard images are hard for all), so
+  differences are decided at n = 200; else every method's correct images are drawn independently."""
+  rng = np.random.default_rng(0)
+  order = {spec: rng.permutation(200) for spec in BASE}
+  out = {}
+  for r in rows:
+    bits = np.zeros(r["n"], bool)
+    bits[(order[r["spec"]] if nested else rng.permutation(r["n"]))[:r["correct1"]]] = True
+    out[(r["method"], r["spec"])] = bits
+  return out
+
+
+def _write_workdir(w: pathlib.Path, correct: str | None = "nested") -> None:
+  """The result files of a run; correct: per-image results "nested", "independent" or None (none kept)."""
   (w / "eval").mkdir(parents=True)
   meta = dict(methods=list(OFFSET), missing={"deepcloak": "stage deepcloak not trained"}, sweeps=SWEEPS,
-              specs=list(BASE), devices=8, wall_s=12.0, flops=dict(slave=4.0e7, master=1.0e6))
+              specs=list(BASE), skipped=3, devices=8, wall_s=12.0, flops=dict(slave=4.0e7, master=1.0e6))
   (w / "eval" / "results.json").write_text(json.dumps(dict(rows=_rows(), meta=meta)))
+  if correct is not None:
+    bits = _correct(_rows(), nested=correct == "nested")
+    for spec in BASE:
+      eval_results.write_correct(w / "eval", spec, {m: bits[(m, spec)] for m in OFFSET})
   bins = ["clean", "jpeg", "jp2k"]
   specs = {}
   for spec in BASE:
@@ -132,14 +154,37 @@ def test_table1_pct_change_by_hand(tmp_path: pathlib.Path) -> None:
   report.run_report(config_lib.base_config(), tmp_path)
   with (tmp_path / "report" / "table1.csv").open() as f:
     reader = csv.DictReader(f)
-    assert reader.fieldnames == ["method", "c", "d", "c_prime", "d_prime", "pct_change"]
+    assert reader.fieldnames == list(sections.TABLE1_FIELDS)
     t1 = {r["method"]: {k: float(v) for k, v in r.items() if k != "method"} for r in reader}
   assert set(t1) == set(OFFSET)
   # c = 80, d = 40 for every row; MS: c' = 79, d' = 50 -> (50 - 40) / (80 - 40) = 25 %.
-  assert t1["ms"] == pytest.approx(dict(c=80.0, d=40.0, c_prime=79.0, d_prime=50.0, pct_change=25.0))
+  ms = t1["ms"]
+  assert {k: ms[k] for k in ("c", "d", "c_prime", "d_prime", "d_gain", "pct_change")} == pytest.approx(
+      dict(c=80.0, d=40.0, c_prime=79.0, d_prime=50.0, d_gain=10.0, pct_change=25.0))
+  # Per-image results where MS is right on a superset of the baseline's JPEG-10 images: d' - d >= 0 in every
+  # resample, and the 20 extra images of 200 make the interval exclude 0.
+  assert 0.0 < ms["d_gain_lo"] < 10.0 < ms["d_gain_hi"] and 0.0 < ms["pct_change_lo"] < 25.0 < ms["pct_change_hi"]
   assert t1["ams"]["pct_change"] == pytest.approx(100 * (48 - 40) / (80 - 40))
   assert t1["baseline"]["pct_change"] == pytest.approx(0.0)
+  assert t1["baseline"]["pct_change_lo"] == t1["baseline"]["pct_change_hi"] == 0.0
   assert tables.pct_change(70.2, 61.2, 66.7) == pytest.approx(61.1, abs=0.05)  # the paper's MS row (60.5 printed)
+  text = (tmp_path / "report" / "report.md").read_text()
+  assert "n = 200 test images per spec (3 source records skipped as unreadable)" in text
+
+
+@pytest.mark.parametrize("correct, verdict_6", [("nested", "holds"), ("independent", "undecided"), (None, "undecided")])
+def test_claims_decided_from_intervals(tmp_path: pathlib.Path, correct: str | None, verdict_6: str) -> None:
+  # The same point estimates (MS 15 % change points above the best DA) in three workdirs: per-image results
+  # where the methods agree image by image decide it; independent ones at n = 200 leave it undecided, and
+  # without per-image results nothing is decided.
+  _write_workdir(tmp_path, correct)
+  report.run_report(config_lib.base_config(), tmp_path)
+  text = (tmp_path / "report" / "report.md").read_text()
+  claim6 = next(line for line in text.splitlines() if line.startswith("6. "))
+  assert "MS - best DA 15.0 points" in claim6 and claim6.endswith(f"**{verdict_6}**.")
+  assert ("*No per-image results in W/eval/correct/" in text) == (correct is None)
+  if correct is None:
+    assert "**holds**." not in text and "**fails**." not in text
 
 
 def test_claims_and_combined_fit() -> None:
@@ -166,13 +211,23 @@ def test_fig1b_drawn_with_alexnet_rows(tmp_path: pathlib.Path) -> None:
   (tmp_path / "eval" / "results.json").write_text(json.dumps(results))
   report.run_report(config_lib.base_config(), tmp_path)
   assert _is_png(tmp_path / "report" / "fig1b.png")
-  assert "](fig1b.png)" in (tmp_path / "report" / "report.md").read_text()
+  text = (tmp_path / "report" / "report.md").read_text()
+  assert "](fig1b.png)" in text
+  # Fig. 1b's comparison network is not a robustness method: not in Table 1 nor in the claims.
+  claims_text = text[text.index("## The paper's claims"):text.index("## Corruption error")]
+  assert "alexnet" not in claims_text
+  with (tmp_path / "report" / "table1.csv").open() as f:
+    assert "alexnet_baseline" not in {r["method"] for r in csv.DictReader(f)}
 
 
 def test_pct_change_undefined_when_baseline_does_not_degrade() -> None:
-  rows = [dict(r, top1=0.5) if r["method"] == "baseline" and r["spec"] in ("clean", "jpeg:10") else r
+  rows = [dict(r, top1=0.5, correct1=100) if r["method"] == "baseline" and r["spec"] in ("clean", "jpeg:10") else r
           for r in _rows()]
-  t1 = tables.table1(rows)
+  boot = report_run.bootstrap_of(rows, _correct(rows, nested=True))
+  t1 = sections.table1_with_intervals(rows, boot)
   assert all(math.isnan(r["pct_change"]) for r in t1)
-  text = "\n".join(claims.claims_section(rows, t1))
+  # Every resample has c = d too: the interval is unbounded, and the claims on % change say why.
+  assert all((r["pct_change_lo"], r["pct_change_hi"]) == (-math.inf, math.inf) for r in t1)
+  text = "\n".join(claims.claims_section(rows, t1, boot))
   assert text.count("% change is undefined") == 2 and "AMS -%" not in text
+  assert math.isnan(tables.pct_change(40.0, 50.0, 60.0))  # the baseline better on JPEG-10 than clean

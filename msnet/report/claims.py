@@ -1,83 +1,147 @@
-"""The paper's claims, each checked on this run's numbers with its criterion stated."""
+"""The paper's claims, each decided on this run's per-image results: criterion, point estimate, paired bootstrap
+interval and a verdict read from the interval (holds / fails / undecided), never from the point estimate."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from msnet.report import tables
+import numpy as np
+
+from msnet.report import stats, tables
 from msnet.report.sections import plural
 
 Row = dict[str, Any]
+Interval = dict[str, float]
+BASELINE = "baseline"
+CLEAN = ("baseline", tables.CLEAN_SPEC)
+JPEG10 = ("baseline", tables.JPEG10_SPEC)
 
 
-def _verdict(ok: bool) -> str:
-  return "**holds**" if ok else "**does not hold**"
+def _estimate(label: str, ci: Interval, unit: str) -> str:
+  return f"{label} {tables.fmt(ci['point'])}{unit} (95% CI {tables.ci_text(ci)})"
 
 
-def claims_section(rows: Sequence[Row], t1: Sequence[dict[str, Any]]) -> list[str]:
-  """The paper's claims, each checked on this run's numbers with the criterion stated."""
-  lines = ["## The paper's claims, checked on these results", ""]
+def _pct(method: str) -> Callable[[Mapping[Any, Any]], Any]:
+  """The method's % change as a statistic of the accuracies."""
+  return lambda a: stats.pct_change(a[CLEAN], a[JPEG10], a[(method, tables.JPEG10_SPEC)])
+
+
+def _lookup(a: Mapping[Any, Any]) -> Callable[[Row], Any]:
+  return lambda r: a[(r["method"], r["spec"])]
+
+
+def differences(rows: Sequence[Row], t1: Sequence[dict[str, Any]], boot: stats.Bootstrap) -> dict[str, Interval]:
+  """The differences the claims rest on, with their intervals (percentage points). Absent inputs, absent keys."""
+  methods = {r["method"] for r in t1}
+  out: dict[str, Interval] = {}
+  da = [m for m in tables.DA_METHODS if m in methods]
+  if "ms" in methods and da:
+    out["MS - best DA, % change"] = boot.interval(
+        lambda a: _pct("ms")(a) - np.maximum.reduce([_pct(m)(a) for m in da]))
+  if {"ms", "ams"} <= methods:
+    out["AMS - MS, % change"] = boot.interval(lambda a: _pct("ams")(a) - _pct("ms")(a))
+  if {"ms", "oracle"} <= methods:
+    out["MS - oracle, JPEG-10 top-1"] = boot.interval(
+        lambda a: 100.0 * (a[("ms", tables.JPEG10_SPEC)] - a[("oracle", tables.JPEG10_SPEC)]))
+  for codec in ("jpeg", "jp2k"):
+    if tables.accuracy_at_equal_psnr(rows, BASELINE, "noise", codec) is not None:
+      def noise_minus(a: Mapping[Any, Any], codec: str = codec) -> Any:
+        eq = tables.accuracy_at_equal_psnr(rows, BASELINE, "noise", codec, acc=_lookup(a))
+        return 100.0 * (eq["mean_a"] - eq["mean_b"])
+      out[f"noise - {codec}, baseline top-1 at equal PSNR"] = boot.interval(noise_minus)
+  return out
+
+
+def claims_section(rows: Sequence[Row], t1: Sequence[dict[str, Any]], boot: stats.Bootstrap) -> list[str]:
+  """The differences table, then each claim with its criterion, estimate, interval and verdict."""
+  lines = ["## The paper's claims, decided on these results", "",
+           "Every interval is a paired percentile bootstrap over the test images (all methods and specs resampled "
+           f"jointly, {boot.resamples:,} resamples, seed {boot.seed}, {100 * boot.level:.0f}%). A claim "
+           "**holds** when its whole interval meets the criterion, **fails** when the whole interval misses it, "
+           "and is **undecided** when the interval straddles the threshold. A resample where the baseline does "
+           "not degrade (c <= d) has no % change; it counts against both ends of the interval.", ""]
+  if boot.resamples == 0:
+    lines += ["*No per-image results in W/eval/correct/ (an evaluation from before they were kept): no "
+              "intervals, so every claim is undecided. Rerun `msnet evaluate`, which evaluates again the specs "
+              "that lack them.*", ""]
+  diffs = differences(rows, t1, boot)
+  if diffs:
+    lines += ["Differences the claims rest on (percentage points):", "",
+              tables.markdown(["difference", "estimate", "95% CI"],
+                              [[k, v["point"], tables.ci_text(v)] for k, v in diffs.items()]), ""]
   by = {r["method"]: r for r in t1}
+  undefined = bool(t1) and math.isnan(t1[0]["pct_change"])
+  why_undefined = (f"the baseline's JPEG-10 top-1 ({t1[0]['d']:.1f}%) is not below its clean top-1 "
+                   f"({t1[0]['c']:.1f}%), so % change is undefined") if undefined else ""
 
-  eq = {k: tables.accuracy_at_equal_psnr(rows, "baseline", "noise", k) for k in ("jpeg", "jp2k")}
-  parts = [f"{k}: noise {100 * v['mean_a']:.1f}% vs {k} {100 * v['mean_b']:.1f}% over {v['lo']:.1f}-{v['hi']:.1f} dB"
-           for k, v in eq.items() if v]
+  parts = [(k, v) for k, v in diffs.items() if k.startswith("noise - ")]
   if parts:
-    ok = all(v["mean_a"] > v["mean_b"] for v in eq.values() if v)
-    lines.append(f"1. *Noise hurts less than compression at equal PSNR* (mean baseline top-1 over the PSNR "
-                 f"range both sweeps cover, interpolated): {'; '.join(parts)}. {_verdict(ok)}.")
+    lines.append(_claim(1, "Noise hurts less than compression at equal PSNR",
+                        "the baseline's mean top-1 over the PSNR range both sweeps cover (interpolated) is higher "
+                        "under noise, for each codec: noise - codec > 0",
+                        [(_estimate(label.split(",")[0], ci, " points"), stats.decide(ci)) for label, ci in parts]))
   else:
     lines.append("1. *Noise hurts less than compression at equal PSNR*: cannot be checked (the noise and "
                  "compression sweeps' PSNR ranges do not overlap or are missing).")
 
   if "ms" in by:
-    ms = by["ms"]
-    gain, loss = ms["d_prime"] - ms["d"], ms["c_prime"] - ms["c"]
-    lines.append(f"2. *MS improves JPEG-10 accuracy with little clean loss* (criterion: JPEG-10 gain > 0 and "
-                 f"clean change >= -1 point): JPEG-10 {gain:+.1f} points, clean {loss:+.1f} points. "
-                 f"{_verdict(gain > 0 and loss >= -1.0)}.")
+    gain = boot.interval(lambda a: 100.0 * (a[("ms", tables.JPEG10_SPEC)] - a[JPEG10]))
+    clean = boot.interval(lambda a: 100.0 * (a[("ms", tables.CLEAN_SPEC)] - a[CLEAN]))
+    lines.append(_claim(2, "MS improves JPEG-10 accuracy with little clean loss",
+                        "JPEG-10 gain d' - d > 0 and clean change c' - c > -1 point",
+                        [(_estimate("JPEG-10 gain", gain, " points"), stats.decide(gain)),
+                         (_estimate("clean change", clean, " points"), stats.decide(clean, -1.0))]))
   else:
     lines.append("2. *MS improves JPEG-10 accuracy with little clean loss*: cannot be checked (no MS rows).")
 
-  undefined = bool(t1) and math.isnan(t1[0]["pct_change"])
-  why_undefined = (f"the baseline's clean and JPEG-10 top-1 are equal ({t1[0]['c']:.1f}%), so % change is "
-                   "undefined") if undefined else ""
   if undefined:
     lines.append(f"3. *AMS comes close to MS*: cannot be checked ({why_undefined}).")
   elif "ms" in by and "ams" in by:
-    p_ms, p_ams = by["ms"]["pct_change"], by["ams"]["pct_change"]
-    lines.append(f"3. *AMS comes close to MS* (criterion: AMS's % change >= 0.75 x MS's, the paper has "
-                 f"52.5 vs 60.5): AMS {tables.fmt(p_ams)}% vs MS {tables.fmt(p_ms)}%. "
-                 f"{_verdict(not math.isnan(p_ms) and p_ams >= 0.75 * p_ms)}.")
+    close = boot.interval(lambda a: _pct("ams")(a) - 0.75 * _pct("ms")(a))
+    lines.append(_claim(3, "AMS comes close to MS",
+                        "AMS's % change >= 0.75 x MS's (the paper has 52.5 vs 60.5): AMS - 0.75 MS > 0",
+                        [(f"AMS {tables.fmt(by['ams']['pct_change'])}% vs MS {tables.fmt(by['ms']['pct_change'])}%; "
+                          + _estimate("AMS - 0.75 MS", close, " points"), stats.decide(close))]))
   else:
     lines.append("3. *AMS comes close to MS*: cannot be checked (MS or AMS rows missing).")
 
   fits = tables.combined_fit(rows)
-  for number, kind, claim, want in ((4, "noise", "combined noise + compression is bounded by the worse of the two",
-                                     "worse"),
-                                    (5, "blur", "blur + compression is additive", "additive")):
-    mine = [f for f in fits if f["pre"].split("+")[-1].split(":")[0] == kind]
+  for number, kind, claim, want, other in (
+      (4, "noise", "combined noise + compression is bounded by the worse of the two", "worse", "additive"),
+      (5, "blur", "blur + compression is additive", "additive", "worse")):
+    mine = [i for i, f in enumerate(fits) if f["pre"].split("+")[-1].split(":")[0] == kind]
     if not mine:
       lines.append(f"{number}. *{claim.capitalize()}*: cannot be checked (no {kind}+codec sweep with its "
                    f"single-degradation counterparts in the results).")
       continue
-    parts = [f"{f['pre']} + {f['codec']}: worse-of-two error {f['mae_worse']:.1f}, additive error "
-             f"{f['mae_additive']:.1f} points over {plural(f['levels'], 'level')}" for f in mine]
-    ok = all((f["mae_worse"] < f["mae_additive"]) == (want == "worse") for f in mine)
-    lines.append(f"{number}. *{claim.capitalize()}* (criterion: the {want} model predicts the baseline's "
-                 f"combined accuracy with a smaller mean absolute error than the other model): "
-                 f"{'; '.join(parts)}. {_verdict(ok)}.")
+    parts = []
+    for i in mine:
+      f = fits[i]
+      ci = boot.interval(lambda a, i=i: (lambda g: g[f"mae_{other}"] - g[f"mae_{want}"])(
+          tables.combined_fit(rows, acc=_lookup(a))[i]))
+      parts.append((f"{f['pre']} + {f['codec']}: {want} error {f[f'mae_{want}']:.1f}, {other} error "
+                    f"{f[f'mae_{other}']:.1f} over {plural(f['levels'], 'level')}; "
+                    + _estimate(f"{other} - {want}", ci, " points"), stats.decide(ci)))
+    lines.append(_claim(number, claim.capitalize(),
+                        f"the {want} model predicts the baseline's combined accuracy with a smaller mean absolute "
+                        f"error than the {other} model: {other} error - {want} error > 0", parts))
 
-  da = [by[m] for m in tables.DA_METHODS if m in by]
   if undefined:
     lines.append(f"6. *MS beats the data augmentation baselines on % change*: cannot be checked ({why_undefined}).")
-  elif "ms" in by and da:
-    best = max(da, key=lambda r: r["pct_change"])
-    lines.append(f"6. *MS beats the data augmentation baselines on % change*: MS {tables.fmt(by['ms']['pct_change'])}% "
-                 f"vs best DA `{best['method']}` {tables.fmt(best['pct_change'])}%. "
-                 f"{_verdict(by['ms']['pct_change'] > best['pct_change'])}.")
+  elif "MS - best DA, % change" in diffs:
+    ci = diffs["MS - best DA, % change"]
+    lines.append(_claim(6, "MS beats the data augmentation baselines on % change",
+                        "MS's % change - the best DA's (the best taken in each resample) > 0",
+                        [(_estimate("MS - best DA", ci, " points"), stats.decide(ci))]))
   else:
     lines.append("6. *MS beats the data augmentation baselines on % change*: cannot be checked (MS or DA rows "
                  "missing).")
   return lines + [""]
+
+
+def _claim(number: int, claim: str, criterion: str, parts: Sequence[tuple[str, str]]) -> str:
+  """One numbered claim: criterion, each part's estimate with its verdict, the claim's verdict (all parts)."""
+  verdict = stats.combine([v for _, v in parts])
+  body = "; ".join(f"{text}: {v}" for text, v in parts)
+  return f"{number}. *{claim}* (criterion: {criterion}): {body}. **{verdict}**."

@@ -7,7 +7,7 @@ import math
 import pathlib
 from typing import Any, Sequence
 
-from msnet.report import figures, tables
+from msnet.report import figures, stats, tables
 
 Row = dict[str, Any]
 
@@ -35,23 +35,49 @@ def write_csv(path: pathlib.Path, header: Sequence[str], rows: Sequence[dict[str
       w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
 
 
-def table1_section(rows: Sequence[Row], out: pathlib.Path) -> tuple[list[str], list[dict[str, Any]]]:
-  t1 = tables.table1(rows)
-  write_csv(out / "table1.csv", ["method", "c", "d", "c_prime", "d_prime", "pct_change"], t1)
+TABLE1_FIELDS = ("method", "c", "d", "c_prime", "d_prime", "d_gain", "d_gain_lo", "d_gain_hi", "pct_change",
+                 "pct_change_lo", "pct_change_hi")
+
+
+def table1_with_intervals(rows: Sequence[Row], boot: stats.Bootstrap) -> list[dict[str, Any]]:
+  """Table 1's rows plus d' - d (points) and % change with their paired bootstrap intervals."""
+  c, d = ("baseline", tables.CLEAN_SPEC), ("baseline", tables.JPEG10_SPEC)
+  out = []
+  for r in tables.table1(rows):
+    m = (r["method"], tables.JPEG10_SPEC)
+    gain = boot.interval(lambda a, m=m: 100.0 * (a[m] - a[d]))
+    pct = boot.interval(lambda a, m=m: stats.pct_change(a[c], a[d], a[m]))
+    out.append(dict(r, d_gain=gain["point"], d_gain_lo=gain["lo"], d_gain_hi=gain["hi"], pct_change_lo=pct["lo"],
+                    pct_change_hi=pct["hi"]))
+  return out
+
+
+def n_text(rows: Sequence[Row], skipped: int | None) -> str:
+  """What n covers: the test records per spec, and the source records degrade skipped as unreadable."""
+  sizes = sorted({int(r["n"]) for r in rows})
+  text = f"n = {' / '.join(f'{s:,}' for s in sizes)} test images per spec"
+  return text + ("" if skipped is None else f" ({plural(skipped, 'source record')} skipped as unreadable)")
+
+
+def table1_section(t1: Sequence[dict[str, Any]], out: pathlib.Path, n: str) -> list[str]:
+  write_csv(out / "table1.csv", TABLE1_FIELDS, t1)
   lines = ["## Table 1: clean and JPEG-10 top-1 per method", ""]
   if not t1:
     lines += [f"*Not computable: the results lack the baseline's `{tables.CLEAN_SPEC}` or "
               f"`{tables.JPEG10_SPEC}` row.*", ""]
   else:
-    lines += ["This run (top-1 %; c, d = baseline clean / JPEG-10; c', d' = the method's; "
-              "% change = (d' - d) / (c - d)). Also in `table1.csv`.", "",
-              tables.markdown(["method", "c", "d", "c'", "d'", "% change"],
-                              [[r["method"], r["c"], r["d"], r["c_prime"], r["d_prime"], r["pct_change"]]
-                               for r in t1]), ""]
+    lines += [f"This run ({n}; top-1 %; c, d = baseline clean / JPEG-10; c', d' = the method's; "
+              "% change = (d' - d) / (c - d); 95% paired bootstrap intervals, see the claims section). The "
+              "AlexNet baseline is Fig. 1b's comparison, not a robustness method, and is not listed. Also in "
+              "`table1.csv`.", "",
+              tables.markdown(["method", "c", "d", "c'", "d'", "d' - d", "95% CI", "% change", "95% CI"],
+                              [[r["method"], r["c"], r["d"], r["c_prime"], r["d_prime"], r["d_gain"],
+                                tables.ci_text(dict(lo=r["d_gain_lo"], hi=r["d_gain_hi"])), r["pct_change"],
+                                tables.ci_text(dict(lo=r["pct_change_lo"], hi=r["pct_change_hi"]))] for r in t1]), ""]
   lines += ["**The paper's Table 1, for reference: ImageNet validation set (50,000 images), VGG-16 except "
             "stability training (Inception) and DeepCloak; these are the paper's numbers, not this run's.**", "",
             tables.markdown(["method (paper)", "c", "d", "c'", "d'", "% change"], tables.PAPER_TABLE1), ""]
-  return lines, t1
+  return lines
 
 
 def sweep_tables(rows: Sequence[Row], sweeps: dict[str, list[str]]) -> list[str]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
 
 Row = dict[str, Any]
 
@@ -34,6 +36,8 @@ PAPER_NAMES = {"da_fc8": "DA, fc8", "da_fc67": "DA, fc6-7", "da_fc678": "DA, fc6
                "stability": "Stability training", "ms": "MS", "ams": "AMS", "deepcloak": "DeepCloak"}
 
 DA_METHODS = ("da_fc8", "da_fc67", "da_fc678")
+# Fig. 1b's comparison network, not a robustness method: not in Table 1 nor in the claims.
+NOT_IN_TABLE1 = ("alexnet_baseline",)
 
 
 def index(rows: Iterable[Row]) -> dict[tuple[str, str], Row]:
@@ -47,12 +51,13 @@ def methods_in(rows: Sequence[Row]) -> list[str]:
 
 
 def pct_change(c: float, d: float, d_prime: float) -> float:
-  """The paper's % change (d' - d) / (c - d), in percent; NaN when the baseline does not degrade."""
-  return 100.0 * (d_prime - d) / (c - d) if c != d else math.nan
+  """The paper's % change (d' - d) / (c - d), in percent; NaN when the baseline does not degrade (c <= d)."""
+  return 100.0 * (d_prime - d) / (c - d) if c > d else math.nan
 
 
 def table1(rows: Sequence[Row]) -> list[dict[str, Any]]:
-  """Clean and JPEG-10 top-1 (percent) of every method against the baseline's; [] without the baseline."""
+  """Clean and JPEG-10 top-1 (percent) of every robustness method against the baseline's; [] without the
+  baseline."""
   idx = index(rows)
   base_c, base_d = idx.get(("baseline", CLEAN_SPEC)), idx.get(("baseline", JPEG10_SPEC))
   if base_c is None or base_d is None:
@@ -61,6 +66,8 @@ def table1(rows: Sequence[Row]) -> list[dict[str, Any]]:
   out = []
   for m in methods_in(rows):
     rc, rd = idx.get((m, CLEAN_SPEC)), idx.get((m, JPEG10_SPEC))
+    if m in NOT_IN_TABLE1:
+      continue
     if rc is None or rd is None:
       continue
     c_prime, d_prime = 100.0 * rc["top1"], 100.0 * rd["top1"]
@@ -170,13 +177,21 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
   raise ValueError(f"{x} outside [{xs[0]}, {xs[-1]}]")
 
 
-def accuracy_at_equal_psnr(rows: Sequence[Row], method: str, kind_a: str, kind_b: str,
-                           points: int = 20) -> dict[str, Any] | None:
-  """Mean top-1 of two single degradations over the PSNR range both sweeps cover (interpolated)."""
+def top1(row: Row) -> float:
+  return row["top1"]
+
+
+def accuracy_at_equal_psnr(rows: Sequence[Row], method: str, kind_a: str, kind_b: str, points: int = 20,
+                           acc: Callable[[Row], Any] = top1) -> dict[str, Any] | None:
+  """Mean top-1 of two single degradations over the PSNR range both sweeps cover (interpolated).
+
+  acc gives a row's accuracy: its top1, or a NumPy array of it over bootstrap resamples (the means are
+  linear in it, so they come out as arrays too).
+  """
   curves = []
   for kind in (kind_a, kind_b):
-    pts = sorted((r["psnr"], r["top1"]) for r in single_rows(rows, method, kind)
-                 if r["psnr"] is not None and math.isfinite(r["psnr"]))
+    pts = sorted(((r["psnr"], acc(r)) for r in single_rows(rows, method, kind)
+                  if r["psnr"] is not None and math.isfinite(r["psnr"])), key=lambda p: p[0])
     if len(pts) < 2:
       return None
     curves.append(pts)
@@ -192,12 +207,13 @@ def accuracy_at_equal_psnr(rows: Sequence[Row], method: str, kind_a: str, kind_b
   return dict(lo=lo, hi=hi, mean_a=means[0], mean_b=means[1])
 
 
-def combined_fit(rows: Sequence[Row], method: str = "baseline") -> list[dict[str, Any]]:
+def combined_fit(rows: Sequence[Row], method: str = "baseline", acc: Callable[[Row], Any] = top1
+                 ) -> list[dict[str, Any]]:
   """For each combined chain (pre-degradation + codec): how well two models predict its accuracy.
 
   "worse-of-two": min(acc(pre alone), acc(codec alone)); "additive": acc(codec alone) - (acc(clean) -
   acc(pre alone)), i.e. the two drops add up. Mean absolute error in top-1 points over the levels whose
-  codec-alone spec was evaluated.
+  codec-alone spec was evaluated. acc as in accuracy_at_equal_psnr.
   """
   idx = index(rows)
   clean = idx.get((method, CLEAN_SPEC))
@@ -215,8 +231,8 @@ def combined_fit(rows: Sequence[Row], method: str = "baseline") -> list[dict[str
       continue
     worse, additive = [], []
     for r, a in pairs:
-      worse.append(abs(r["top1"] - min(alone_pre["top1"], a["top1"])))
-      additive.append(abs(r["top1"] - (a["top1"] - (clean["top1"] - alone_pre["top1"]))))
+      worse.append(np.abs(acc(r) - np.minimum(acc(alone_pre), acc(a))))
+      additive.append(np.abs(acc(r) - (acc(a) - (acc(clean) - acc(alone_pre)))))
     out.append(dict(pre=pre, codec=codec, levels=len(pairs),
                     mae_worse=100.0 * sum(worse) / len(worse), mae_additive=100.0 * sum(additive) / len(additive)))
   return out
@@ -229,6 +245,15 @@ def fmt(v: Any, digits: int = 1) -> str:
   if isinstance(v, float):
     return f"{v:.{digits}f}"
   return str(v)
+
+
+def ci_text(ci: Mapping[str, float], digits: int = 1) -> str:
+  """'[lo, hi]' of an interval; 'unbounded' when a side is infinite (e.g. % change undefined in resamples)."""
+  if math.isnan(ci["lo"]) or math.isnan(ci["hi"]):
+    return "-"
+  if math.isinf(ci["lo"]) or math.isinf(ci["hi"]):
+    return "unbounded"
+  return f"[{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
 
 
 def markdown(header: Sequence[str], body: Iterable[Sequence[Any]], digits: int = 1) -> str:
