@@ -13,13 +13,15 @@ from typing import Any
 
 import ml_collections
 
+from msnet import errors
+
 # The stages `msnet train` knows, in pipeline order. Branch stages are named `branch_<bin name>`.
 GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability",
                           "alexnet_baseline")  # config.stages entries of the trained stages
 COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config field has a wrong type or an impossible value; the message names the field."""
 
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from msnet import errors
+
+
+class PortInUseError(errors.UserError, OSError):
+  """The coordinator's port is held by another program, e.g. an earlier run that is still alive."""
 
 
 def maybe_initialize_distributed() -> None:
@@ -19,6 +26,8 @@ def maybe_initialize_distributed() -> None:
   A single plain process does nothing.
   """
   if os.environ.get("MSNET_COORDINATOR"):
+    if os.environ["MSNET_PROCESS_ID"] == "0":  # process 0 serves the coordinator on that port
+      _check_port_free(os.environ["MSNET_COORDINATOR"])
     jax.distributed.initialize(
         coordinator_address=os.environ["MSNET_COORDINATOR"],
         num_processes=int(os.environ["MSNET_NUM_PROCESSES"]),
@@ -26,6 +35,25 @@ def maybe_initialize_distributed() -> None:
     )
   elif os.environ.get("MSNET_DISTRIBUTED") == "auto":
     jax.distributed.initialize()
+
+
+def _check_port_free(address: str) -> None:
+  """Refuse a busy coordinator port up front: jax's RPC server fails on one, at times with a segfault.
+
+  jax listens on all interfaces ([::]:port); SO_REUSEADDR, as gRPC sets it, lets a port in TIME_WAIT pass.
+  """
+  port = int(address.rpartition(":")[2])
+  try:
+    probe, host = socket.socket(socket.AF_INET6, socket.SOCK_STREAM), "::"
+  except OSError:  # a kernel without IPv6
+    probe, host = socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+  with probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      probe.bind((host, port))
+    except OSError as e:
+      raise PortInUseError(f"MSNET_COORDINATOR={address}: port {port} is in use ({e.strerror}); stop the program "
+                           "that holds it or pick a free port (launch/local.sh --port N)") from None
 
 
 def make_mesh(axes: Sequence[Sequence[Any]]) -> Mesh:

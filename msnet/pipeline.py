@@ -8,12 +8,15 @@ Wall time per stage goes to W/timings.json.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 from typing import Callable, Sequence
 
 import jax
 import ml_collections
+
+from msnet import errors
 
 
 def _log(message: str) -> None:
@@ -58,10 +61,23 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           stages: Sequence[str] | None = None) -> None:
   from msnet import train as train_lib
   known = train_lib.stage_names(config)
-  for stage in stages or known:
+  stages = list(stages or known)
+  for stage in stages:
     if stage not in known:
-      raise ValueError(f"--stage={stage!r}: this config's stages are {known}")
+      raise errors.InvalidInputError(f"--stage={stage}: no such stage in this config; its stages are {known}")
+  if "baseline" in stages:
+    _check_pretrained(config, workdir)
+  for stage in stages:
     _timed(workdir, f"train/{stage}", lambda s=stage: train_lib.run_stage(config, workdir, s))
+
+
+def _check_pretrained(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """A missing config.model.pretrained file fails before any work, not when the baseline stage starts."""
+  from msnet.train import loop
+  path = config.model.pretrained
+  if path and not os.path.isfile(path) and loop.read_done(workdir, "baseline") is None:
+    raise errors.MissingInputError(f"config.model.pretrained: no file {path}; give the path of the VGG-16 "
+                                   "weights (a Keras .h5, torchvision .safetensors or .pth file)")
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -78,6 +94,7 @@ def report(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """The whole experiment of one config; a rerun continues where the last one stopped."""
   start = time.perf_counter()
+  _check_pretrained(config, workdir)
   degrade(config, workdir)
   train(config, workdir)
   evaluate(config, workdir)

@@ -32,11 +32,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import PIL.Image
 
+from msnet import errors
+
 EMBEDDED_DIR = pathlib.Path(__file__).resolve().parent / "embedded" / "cifar10"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(errors.UserError, ValueError):
   """A source image cannot be decoded; the message names the file."""
 
 
@@ -77,7 +79,7 @@ class _ArchiveFolder(ImageSource):
       if len(parts) >= 3 and parts[-3] == split and _is_image(parts[-1]):
         entries.append((parts[-2], name, offset, size))
     if not entries:
-      raise FileNotFoundError(f"{path}: no images under '{split}/<class>/' (expected {IMAGE_EXTENSIONS})")
+      raise errors.MissingInputError(f"{path}: no images under '{split}/<class>/' (expected {IMAGE_EXTENSIONS})")
     by_class: dict[str, list[tuple[str, str, int, int]]] = {}
     for e in sorted(entries):
       by_class.setdefault(e[0], []).append(e)
@@ -100,12 +102,13 @@ class _DirFolder(ImageSource):
   def __init__(self, root: pathlib.Path, split: str, image_size: int, resize_shorter: int):
     split_dir = root / split
     if not split_dir.is_dir():
-      raise FileNotFoundError(f"{root}: no split directory '{split}'")
+      raise errors.MissingInputError(f"{root}: no split directory '{split}'; add {split}/<class>/ image folders or "
+                                     "name an existing one in config.data.train_split / eval_split")
     class_names = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     entries = _round_robin([[(split_dir / c / f, label) for f in sorted(os.listdir(split_dir / c)) if _is_image(f)]
                             for label, c in enumerate(class_names)])
     if not entries:
-      raise FileNotFoundError(f"{split_dir}: no images in '<class>/' folders (expected {IMAGE_EXTENSIONS})")
+      raise errors.MissingInputError(f"{split_dir}: no images in '<class>/' folders (expected {IMAGE_EXTENSIONS})")
     super().__init__([str(e[0]) for e in entries], class_names, image_size, resize_shorter)
     self._labels = [e[1] for e in entries]
 
@@ -142,7 +145,8 @@ def open_source(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
   if kind == "embedded_cifar10":
     path = EMBEDDED_DIR / f"{split}.tar.gz"
     if not path.exists():
-      raise FileNotFoundError(f"embedded CIFAR-10 has no split {split!r} (have 'train', 'test')")
+      raise errors.MissingInputError(f"embedded CIFAR-10 has no split {split!r}: set config.data.train_split / "
+                                     "eval_split to 'train' or 'test'")
     _verify_embedded(path)
     return _ArchiveFolder(path, split, size, shorter)
   if kind == "folder":
@@ -151,7 +155,7 @@ def open_source(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
       return _DirFolder(path, split, size, shorter)
     if path.is_file():
       return _ArchiveFolder(path, split, size, shorter)
-    raise FileNotFoundError(f"config.data.path: {path} is neither a directory nor a .tar/.tar.gz file")
+    raise errors.MissingInputError(f"config.data.path: {path} is neither a directory nor a .tar/.tar.gz file")
   if kind == "tfds":
     return _TfdsSource(data_cfg["tfds_name"], split, data_cfg["tfds_data_dir"], size, shorter)
   raise ValueError(f"config.data.source: unknown source {kind!r}")
@@ -236,8 +240,8 @@ def _shape(image: np.ndarray, size: int, shorter: int, name: str) -> np.ndarray:
     image = np.asarray(PIL.Image.fromarray(image).resize(new, PIL.Image.Resampling.BICUBIC))
     h, w = image.shape[:2]
   if h < size or w < size:
-    raise ValueError(f"{name}: image is {h}x{w}, smaller than config.data.image_size={size}; "
-                     "set config.data.resize_shorter to resize it")
+    raise errors.InvalidInputError(f"{name}: image is {h}x{w}, smaller than config.data.image_size={size}; "
+                                   "set config.data.resize_shorter to resize it")
   if (h, w) != (size, size):
     top, left = (h - size) // 2, (w - size) // 2
     image = image[top:top + size, left:left + size]

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from msnet import degradations, models, parallel
+from msnet import degradations, errors, models, parallel
 from msnet.data import loader
 from msnet.evaluate.groups import Groups, build_groups
 from msnet.evaluate.plan import make_plan, method_names, spec_plan
@@ -104,11 +104,12 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[s
   mesh = parallel.make_mesh(config.mesh)
   plan = make_plan(config, workdir)
   names = method_names(config, plan)
+  if not names:
+    raise errors.MissingInputError("evaluate: no method can run (no training stage is complete); run `msnet train` "
+                                   "first")
   if plan.missing:
     _log("WARNING: skipping methods whose training stages are not complete: "
          + "; ".join(f"{m} ({why})" for m, why in plan.missing.items()))
-  if not names:
-    raise RuntimeError("evaluate: no method can run (no training stage is complete); run `msnet train` first")
 
   spec_sweeps = spec_plan(config)
   cells = read_cells(out / "cells.jsonl")

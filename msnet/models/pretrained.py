@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from msnet import errors
 from msnet.models.slave import build_slave
 
 LAYERS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
@@ -40,7 +41,7 @@ TORCH_NAMES = dict(zip(LAYERS, [f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14
                        + ["classifier.0", "classifier.3", "classifier.6"]))
 
 
-class PretrainedError(ValueError):
+class PretrainedError(errors.UserError, ValueError):
   """A weight file does not fit the configured VGG-16 (missing layer, wrong shape, unknown entries)."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from msnet import errors
 from msnet.train import loop
 from msnet.train.loop import NonFiniteLossError, Preempted
 from msnet.train.stages import (known_stages, load_feature_mask, load_params, load_slave_params, make_job,
@@ -32,7 +33,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> di
   after saving on SIGTERM; rerunning the same call resumes from the latest checkpoint.
   """
   if stage not in known_stages(config):
-    raise ValueError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
+    raise errors.InvalidInputError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
   done = loop.read_done(workdir, stage)
   if done is not None:
     return done

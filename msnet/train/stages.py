@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from msnet import config as config_lib, models
+from msnet import config as config_lib, errors, models
 from msnet.data import shards
 from msnet.train import loop, step as step_lib
 
@@ -57,8 +57,9 @@ def _unique(specs: Any) -> list[str]:
 def load_params(workdir: Any, stage: str) -> Any:
   """Final params of a completed stage, as host NumPy arrays (put them into shardings yourself)."""
   if loop.read_done(workdir, stage) is None:
-    raise FileNotFoundError(f"stage {stage!r} is not complete (no {loop.stage_dir(workdir, stage) / loop.DONE}); "
-                            f"run `msnet train --stage={stage}` first")
+    done_file = loop.stage_dir(workdir, stage) / loop.DONE
+    raise errors.MissingInputError(f"stage {stage!r} is not complete (no {done_file}); "
+                                   f"run `msnet train --stage={stage}` first")
   return restore_params(loop.stage_dir(workdir, stage) / loop.CKPT)
 
 
@@ -101,7 +102,8 @@ def _dummy(config: ml_collections.ConfigDict) -> jax.Array:
 
 def _from_baseline(workdir: Any, stage: str) -> Any:
   if loop.read_done(workdir, "baseline") is None:
-    raise RuntimeError(f"stage {stage!r} starts from the baseline: run stage 'baseline' first")
+    raise errors.MissingInputError(f"stage {stage!r} starts from the baseline, which is not complete: run "
+                                   "`msnet train --stage=baseline` first")
   return lambda: load_params(workdir, "baseline")
 
 
@@ -140,7 +142,8 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
   if stage.startswith("branch_"):
     names = [b.name for b in bins[1:]]
     if stage[len("branch_"):] not in names:
-      raise ValueError(f"stage {stage!r}: branch stages of this config are {[f'branch_{n}' for n in names]}")
+      raise errors.InvalidInputError(f"stage {stage!r}: branch stages of this config are "
+                                     f"{[f'branch_{n}' for n in names]}")
     b = bins[1 + names.index(stage[len("branch_"):])]
     s = config.stages.branch
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or list(b.train_specs),
@@ -159,7 +162,7 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
     s = config.stages.stability
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
                     init_params=_from_baseline(workdir, stage), loss="stability", eval_specs=clean)
-  raise ValueError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
+  raise errors.InvalidInputError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
 
 
 def run_deepcloak(config: ml_collections.ConfigDict, workdir: Any, batch_size: int = 64) -> dict[str, Any]:
