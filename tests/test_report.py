@@ -231,3 +231,50 @@ def test_pct_change_undefined_when_baseline_does_not_degrade() -> None:
   text = "\n".join(claims.claims_section(rows, t1, boot))
   assert text.count("% change is undefined") == 2 and "AMS -%" not in text
   assert math.isnan(tables.pct_change(40.0, 50.0, 60.0))  # the baseline better on JPEG-10 than clean
+
+
+def test_report_over_runs_with_different_seeds(tmp_path: pathlib.Path) -> None:
+  # Three runs: MS right on 100, 102, 104 of the 200 JPEG-10 images (% change 25, 27.5, 30).
+  runs = []
+  for i in range(3):
+    w = tmp_path / f"w{i}"
+    rows = [dict(r, top1=(100 + 2 * i) / 200, correct1=100 + 2 * i) if (r["method"], r["spec"]) == ("ms", "jpeg:10")
+            else r for r in _rows()]
+    _write_workdir(w)
+    (w / "eval" / "results.json").write_text(json.dumps(dict(
+        rows=rows, meta=json.loads((w / "eval" / "results.json").read_text())["meta"])))
+    bits = _correct(rows, nested=True)
+    for spec in BASE:
+      eval_results.write_correct(w / "eval", spec, {m: bits[(m, spec)] for m in OFFSET})
+    (w / "config.json").write_text(json.dumps({"seed": 10 + i}))
+    runs.append(w)
+  out = tmp_path / "out"
+  subprocess.run([sys.executable, "-m", "msnet.cli", "report", f"--workdir={out}",
+                  f"--runs={','.join(map(str, runs))}"], check=True, capture_output=True)
+  text = (out / "report" / "report.md").read_text()
+  assert "(seed 10)" in text and "(seed 12)" in text
+  assert "n = 600 test images per spec (3 source records skipped as unreadable)" in text
+  with (out / "report" / "table1_per_seed.csv").open() as f:
+    per_seed = [r for r in csv.DictReader(f) if r["method"] == "ms"]
+  assert [float(r["pct_change"]) for r in per_seed] == pytest.approx([25.0, 27.5, 30.0])
+  assert [r["seed"] for r in per_seed] == ["10", "11", "12"]
+  # mean +- sd (sample sd) across seeds, by hand: d' = 50, 51, 52 -> 51.0 +- 1.0; % change 27.5 +- 2.5.
+  assert "| ms | 80.0 +- 0.0 | 40.0 +- 0.0 | 79.0 +- 0.0 | 51.0 +- 1.0 | 27.5 +- 2.5 |" in text
+  with (out / "report" / "table1.csv").open() as f:
+    pooled = {r["method"]: r for r in csv.DictReader(f)}
+  # Pooled over the 600 image results: d' = 306 / 600 = 51 %, % change (51 - 40) / 40 = 27.5 %, inside its CI.
+  assert float(pooled["ms"]["pct_change"]) == pytest.approx(27.5)
+  assert float(pooled["ms"]["pct_change_lo"]) < 27.5 < float(pooled["ms"]["pct_change_hi"])
+  assert "MS - best DA" in text and "alexnet" not in text
+
+
+def test_report_over_runs_rejects_one_run_and_other_test_sets(tmp_path: pathlib.Path) -> None:
+  a, b = tmp_path / "a", tmp_path / "b"
+  _write_workdir(a)
+  _write_workdir(b)
+  with pytest.raises(ValueError, match="two or more workdirs"):
+    report.run_runs_report([a], tmp_path / "out")
+  for spec in BASE:  # b's per-image results cover 150 test images, a's 200
+    eval_results.write_correct(b / "eval", spec, {m: np.ones(150, bool) for m in OFFSET})
+  with pytest.raises(ValueError, match=r"different test sets \(.*a n=200, .*b n=150\)"):
+    report.run_runs_report([a, b], tmp_path / "out")

@@ -144,7 +144,8 @@ def test_pooled_runs_resample_images_jointly() -> None:
 
 def test_bad_inputs_name_the_cause() -> None:
   cells = {BASE_C: np.ones(10, bool), BASE_D: np.zeros(9, bool)}
-  with pytest.raises(ValueError, match="different numbers of test images.*baseline on jpeg:10: 9"):
+  with pytest.raises(ValueError, match=r"different numbers of test images \(n = 9: baseline on jpeg:10; "
+                     r"n = 10: baseline on clean\)"):
     stats.paired_bootstrap(cells)
   with pytest.raises(KeyError, match="no per-image results for ms on jpeg:10"):
     stats.pct_change_ci({BASE_C: np.ones(10, bool), BASE_D: np.zeros(10, bool)}, "ms")

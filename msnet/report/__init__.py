@@ -5,6 +5,6 @@ no JAX or model code, so a report can be rebuilt anywhere from a copied workdir.
 is computed from those files; the only typed-in numbers are the paper's Table 1, labelled as such.
 """
 
-from msnet.report.run import run_report
+from msnet.report.run import run_report, run_runs_report
 
-__all__ = ["run_report"]
+__all__ = ["run_report", "run_runs_report"]

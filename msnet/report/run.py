@@ -8,12 +8,13 @@ import pathlib
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 from msnet import errors
 from msnet.report import figures, stats, tables
 from msnet.report.claims import claims_section
-from msnet.report.sections import (ce_section, figure, master_section, n_text, pct, plural, sweep_tables,
-                                   table1_section, table1_with_intervals, wall_section)
+from msnet.report.sections import (TABLE1_FIELDS, ce_section, figure, master_section, n_text, pct, plural,
+                                   sweep_tables, table1_section, table1_with_intervals, wall_section, write_csv)
 
 Row = dict[str, Any]
 RESAMPLES = 2000  # paired bootstrap resamples for every interval of the report
@@ -66,7 +67,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: Any) -> pathlib.Path:
     lines += [f"The master costs {100 * flops['master'] / flops['slave']:.2f}% of the slave's FLOPs per image "
               f"({flops['master'] / 1e6:.2f} vs {flops['slave'] / 1e6:.2f} MFLOP).", ""]
 
-  lines += table1_section(t1, out, n)
+  lines += table1_section(t1, out, f"This run, {n}")
   lines += ["## Figures", ""]
   idx = tables.index(rows)
   clean = idx.get(("baseline", tables.CLEAN_SPEC))
@@ -104,3 +105,81 @@ def _rf_caption(rf: Sequence[dict[str, Any]] | None) -> str:
                    + (f", RF {pool['rf']} after its first pooling layer `{pool['layer']}`" if pool else ""))
   return ("Fig. 1c analog: receptive field per layer against the 8x8 JPEG block"
           + (": " + "; ".join(parts) + "." if parts else "."))
+
+
+def run_runs_report(runs: Sequence[Any], workdir: Any) -> pathlib.Path:
+  """One report over several runs of one config with different seeds, written to W/report/: Table 1 per seed,
+  mean +- sd across seeds, and Table 1 and the claims with intervals over the pooled images (an image's
+  results in every run resampled together). Reads each run's W/eval and W/config.json only."""
+  runs = [pathlib.Path(r) for r in runs]
+  if len(runs) < 2:
+    raise ValueError(f"--runs needs two or more workdirs (runs of one config with different seeds), got {len(runs)}")
+  loaded = []
+  for r in runs:
+    results = _read_json(r / "eval" / "results.json")
+    if results is None:
+      raise FileNotFoundError(f"{r / 'eval' / 'results.json'} not found: run `msnet evaluate --workdir={r}` first")
+    rows = [x for x in results["rows"] if x["top1"] is not None]
+    seed = (_read_json(r / "config.json") or {}).get("seed")
+    loaded.append(dict(dir=r, rows=rows, meta=results["meta"], seed=seed, correct=stats.load_correct(r / "eval")))
+  per_seed = [table1_with_intervals(x["rows"], bootstrap_of(x["rows"], x["correct"])) for x in loaded]
+  rows = _pooled_rows([x["rows"] for x in loaded])
+  correct = stats.pool_runs([x["correct"] for x in loaded], names=[str(r) for r in runs])
+  boot = bootstrap_of(rows, correct, runs=len(runs))
+  t1 = table1_with_intervals(rows, boot)
+  out = pathlib.Path(workdir) / "report"
+  out.mkdir(parents=True, exist_ok=True)
+  seeds = [x["seed"] for x in loaded]
+  skipped = {x["meta"].get("skipped") for x in loaded}
+
+  lines = ["# msnet report over several runs", "",
+           f"{len(runs)} runs of one config: " + "; ".join(f"`{x['dir']}` (seed {x['seed']})" for x in loaded)
+           + ". Pooled over the runs, " + n_text(rows, skipped.pop() if len(skipped) == 1 else None)
+           + " (each test image once per run).", ""]
+  if len(set(seeds)) < len(seeds):
+    lines += [f"*The runs do not all have different seeds ({seeds}): the spread across them is not a seed "
+              "spread.*", ""]
+  header = ["method", "seed", "c", "d", "c'", "d'", "% change"]
+  write_csv(out / "table1_per_seed.csv", ["seed", *TABLE1_FIELDS],
+            [dict(r, seed=x["seed"]) for x, t in zip(loaded, per_seed) for r in t])
+  lines += ["## Table 1 per seed", "", "Top-1 % of each run (also in `table1_per_seed.csv`).", "",
+            tables.markdown(header, [[r["method"], x["seed"], r["c"], r["d"], r["c_prime"], r["d_prime"],
+                                      r["pct_change"]] for x, t in zip(loaded, per_seed) for r in t]), ""]
+  lines += ["## Across seeds: mean +- sd", "", "Mean and sample standard deviation over the runs.", "",
+            tables.markdown(["method", "c", "d", "c'", "d'", "% change"], _mean_sd(per_seed)), ""]
+  lines += table1_section(t1, out, "All runs pooled image by image")
+  lines += claims_section(rows, t1, boot)
+  path = out / "report.md"
+  path.write_text("\n".join(lines).rstrip() + "\n")
+  return path
+
+
+def _pooled_rows(runs: Sequence[Sequence[Row]]) -> list[Row]:
+  """Rows of the cells every run has: top1 the mean over runs (equal n, so the pooled accuracy), n summed, PSNR
+  and bpp averaged; the spec fields from the first run."""
+  index = [tables.index(rows) for rows in runs]
+  out = []
+  for key, first in index[0].items():
+    cells = [ix.get(key) for ix in index]
+    if any(c is None for c in cells):
+      continue
+    mean = lambda f: (None if any(c[f] is None for c in cells)  # noqa: E731
+                      else sum(c[f] for c in cells) / len(cells))
+    out.append(dict(first, top1=mean("top1"), psnr=mean("psnr"), bpp=mean("bpp"), n=sum(c["n"] for c in cells),
+                    correct1=sum(c["correct1"] for c in cells)))
+  return out
+
+
+def _mean_sd(per_seed: Sequence[Sequence[dict[str, Any]]]) -> list[list[str]]:
+  """Per method (in every run's Table 1): 'mean +- sd' of c, d, c', d' and % change across the runs."""
+  by_method = [{r["method"]: r for r in t} for t in per_seed]
+  table = []
+  for m in by_method[0]:
+    if not all(m in b for b in by_method):
+      continue
+    cols = []
+    for field in ("c", "d", "c_prime", "d_prime", "pct_change"):
+      v = np.array([b[m][field] for b in by_method], np.float64)
+      cols.append("-" if np.isnan(v).any() else f"{v.mean():.1f} +- {v.std(ddof=1):.1f}")
+    table.append([m, *cols])
+  return table

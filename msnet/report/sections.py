@@ -59,14 +59,15 @@ def n_text(rows: Sequence[Row], skipped: int | None) -> str:
   return text + ("" if skipped is None else f" ({plural(skipped, 'source record')} skipped as unreadable)")
 
 
-def table1_section(t1: Sequence[dict[str, Any]], out: pathlib.Path, n: str) -> list[str]:
+def table1_section(t1: Sequence[dict[str, Any]], out: pathlib.Path, scope: str) -> list[str]:
+  """scope: whose numbers, with n (e.g. "This run, n = 1,000 test images per spec")."""
   write_csv(out / "table1.csv", TABLE1_FIELDS, t1)
   lines = ["## Table 1: clean and JPEG-10 top-1 per method", ""]
   if not t1:
     lines += [f"*Not computable: the results lack the baseline's `{tables.CLEAN_SPEC}` or "
               f"`{tables.JPEG10_SPEC}` row.*", ""]
   else:
-    lines += [f"This run ({n}; top-1 %; c, d = baseline clean / JPEG-10; c', d' = the method's; "
+    lines += [f"{scope} (top-1 %; c, d = baseline clean / JPEG-10; c', d' = the method's; "
               "% change = (d' - d) / (c - d); 95% paired bootstrap intervals, see the claims section). The "
               "AlexNet baseline is Fig. 1b's comparison, not a robustness method, and is not listed. Also in "
               "`table1.csv`.", "",

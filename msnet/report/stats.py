@@ -57,6 +57,12 @@ def pool_runs(runs: Sequence[Mapping[Key, np.ndarray]], names: Sequence[str] | N
   return pooled
 
 
+def plural_cells(keys: Sequence[Key]) -> str:
+  """'ms on jpeg:10' or 'ms on jpeg:10 and 17 more cells', for messages."""
+  first = f"{keys[0][0]} on {keys[0][1]}"
+  return first if len(keys) == 1 else f"{first} and {len(keys) - 1} more cells"
+
+
 def resample_indices(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
   """The B x n image indices drawn with replacement, in chunks of rows (the same draws for a given seed)."""
   rng = np.random.default_rng(seed)
@@ -109,9 +115,13 @@ def paired_bootstrap(correct: Mapping[Key, np.ndarray], *, resamples: int = 2000
   keys = list(correct)
   sizes = {k: len(correct[k]) for k in keys}
   if len(set(sizes.values())) > 1:
+    by_n: dict[int, list[Key]] = {}
+    for key, v in sizes.items():
+      by_n.setdefault(v, []).append(key)
     raise ValueError("paired bootstrap: cells hold different numbers of test images ("
-                     + ", ".join(f"{m} on {s}: {v}" for (m, s), v in sizes.items()) + "); every spec of a "
-                     "split must hold the same records (re-run `msnet evaluate` after `msnet degrade`)")
+                     + "; ".join(f"n = {v}: {plural_cells(ks)}" for v, ks in sorted(by_n.items()))
+                     + "); every spec of a split must hold the same records (re-run `msnet evaluate` after "
+                     "`msnet degrade`)")
   n = next(iter(sizes.values()), 0)
   if n == 0:
     raise ValueError("paired bootstrap: no per-image results (W/eval/correct/ is empty or its cells have n = 0)")
