@@ -26,6 +26,16 @@ def _fmt(value: str) -> str:
   return f"{float(value):.1f}" if value not in ("", "nan") else "-"
 
 
+def _ci(lo: str, hi: str) -> str:
+  """A table1.csv interval as the report prints it: '[lo, hi]', 'unbounded' (% change undefined in too many
+  resamples), '-' when missing."""
+  if "" in (lo, hi) or "nan" in (lo, hi):
+    return "-"
+  if "inf" in lo or "inf" in hi:
+    return "unbounded"
+  return f"[{float(lo):.1f}, {float(hi):.1f}]"
+
+
 def _cpu_name() -> str:
   try:
     for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -44,15 +54,17 @@ def block(workdir: pathlib.Path, seconds: float) -> str:
            f"{seconds / 60:.1f} minutes wall time for command (1) above, run in a clean clone (fresh venv and "
            "pip install included). "
            "Table 1 of this run (top-1 %, 1,000 CIFAR-10 test images, narrow VGG-16 trained for minutes; "
-           "c, d = baseline clean / JPEG-10, c', d' = the method's, % change = (d' - d) / (c - d)):", "",
-           "| method | c | d | c' | d' | % change |", "|---|---|---|---|---|---|"]
+           "c, d = baseline clean / JPEG-10, c', d' = the method's, % change = (d' - d) / (c - d); 95% paired "
+           "bootstrap intervals over the test images, 2,000 resamples):", "",
+           "| method | c | d | c' | d' | d' - d | 95% CI | % change | 95% CI |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['method']} | {_fmt(r['c'])} | {_fmt(r['d'])} | {_fmt(r['c_prime'])} | "
-                 f"{_fmt(r['d_prime'])} | {_fmt(r['pct_change'])} |")
+                 f"{_fmt(r['d_prime'])} | {_fmt(r['d_gain'])} | {_ci(r['d_gain_lo'], r['d_gain_hi'])} | "
+                 f"{_fmt(r['pct_change'])} | {_ci(r['pct_change_lo'], r['pct_change_hi'])} |")
   lines += ["", "Wall time by stage (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",
             "", "![baseline vs MS vs AMS vs MAP over JPEG and JPEG 2000](benchmarks/results/demo/fig3.png)", "",
             "The full report (all figures, corruption errors, the master's confusion, the paper's claims "
-            "checked one by one) is `msnet-demo/report/report.md`.", "", END]
+            "decided one by one from their intervals) is `msnet-demo/report/report.md`.", "", END]
   return "\n".join(lines)
 
 
