@@ -8,6 +8,9 @@
 # with [i]. When one process fails, the others cannot finish their collectives: they are stopped (TERM, then
 # KILL after 10 s) and the exit code is the first failure's.
 set -uo pipefail
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501)); then
+  echo "launch/local.sh: needs bash >= 5.1 (wait -n -p), this is ${BASH_VERSION}" >&2; exit 2
+fi
 processes=2
 devices=1
 port=${MSNET_PORT:-$((20000 + RANDOM % 20000))}
@@ -35,10 +38,17 @@ for ((i = 0; i < processes; i++)); do
     "$@" > >(sed -u "s/^/[${i}] /") 2>&1 &
   pids+=($!)
 done
+# Wait for each process once: `wait -n -p` names the one that ended, which leaves the list (waiting
+# again on a reaped pid makes bash print "wait: N: no such job"). After a failure the others are stopped
+# and the plain `wait` below collects them with the output prefixers.
 status=0
-for ((k = 0; k < processes; k++)); do
-  wait -n "${pids[@]}"; rc=$?
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; stop_all; fi
+running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 && $status -eq 0 ]]; do
+  wait -n -p ended "${running[@]}"; rc=$?
+  left=()
+  for pid in "${running[@]}"; do [[ $pid != "$ended" ]] && left+=("$pid"); done
+  running=("${left[@]}")
+  if [[ $rc -ne 0 ]]; then status=$rc; stop_all; fi
 done
 wait
 exit "$status"

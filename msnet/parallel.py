@@ -117,3 +117,32 @@ def process_slice(n: int) -> tuple[int, int]:
   pid, count = jax.process_index(), jax.process_count()
   per = -(-n // count)
   return min(pid * per, n), min((pid + 1) * per, n)
+
+
+def announce(key: str, value: str) -> None:
+  """Publish `value` under `key` to every process of the job (the coordinator's key-value store)."""
+  _coordinator().key_value_set(key, value)
+
+
+def await_key(key: str) -> str:
+  """The value some process announced under `key`, waiting as long as that process takes.
+
+  For steps whose processes finish minutes apart (the degrade's parts): a collective over gloo gives up
+  on a process that arrives 30 s after the others. A process that dies without announcing stops the job
+  through the launcher (launch/local.sh, srun --kill-on-bad-exit) or the coordinator's heartbeat.
+  """
+  client = _coordinator()
+  while True:
+    try:
+      return client.blocking_key_value_get(key, 60_000)
+    except jax.errors.JaxRuntimeError as e:
+      if "DEADLINE_EXCEEDED" not in str(e):
+        raise
+
+
+def _coordinator() -> Any:
+  from jax._src import distributed  # noqa: PLC0415 (no public handle on the client; orbax reads it the same way)
+  if distributed.global_state.client is None:
+    raise RuntimeError("this process did not join a multi-process job through jax.distributed.initialize "
+                       "(msnet.parallel.maybe_initialize_distributed, launch/*.sh)")
+  return distributed.global_state.client

@@ -44,8 +44,20 @@ def degrade(config: ml_collections.ConfigDict, workdir: pathlib.Path, merge_only
   if merge_only:  # parts written by several machines: verify every shard's sha256, write manifest.json
     manifest = degrade_lib.merge_manifests(workdir, verify=True)
     _log(f"merged {manifest['num_parts']} manifest parts into {workdir / 'data' / 'manifest.json'}")
-    return
-  _timed(workdir, "degrade", lambda: degrade_lib.run_degrade(config, workdir))
+  else:
+    manifest = _timed(workdir, "degrade", lambda: degrade_lib.run_degrade(config, workdir))
+  _log_skipped(manifest, workdir)
+
+
+def _log_skipped(manifest: dict, workdir: pathlib.Path, first: int = 5) -> None:
+  """One line per split with skipped source files: how many, the first few, where the full list is."""
+  for split, entry in manifest["splits"].items():
+    names = entry.get("skipped_names", [])
+    if names:
+      more = ", ..." if len(names) > first else ""
+      _log(f"degrade skipped {len(names)} of {entry['num_records_used']} files of split {split!r} that cannot "
+           f"be used (degrade.on_corrupt='skip'): {', '.join(names[:first])}{more}; all of them in "
+           f"{workdir / 'data' / 'manifest.json'} (splits.{split}.skipped_names)")
 
 
 def show(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, spec: str, n: int,

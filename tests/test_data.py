@@ -2,6 +2,10 @@
 
 import io
 import math
+import os
+import socket
+import subprocess
+import sys
 import tarfile
 
 import jax
@@ -121,6 +125,33 @@ def test_write_and_open_shards(tmp_path):
     shards.open_shards(tmp_path / "nothing")
 
 
+def test_shard_writers_never_replace_an_equal_file(tmp_path):
+  """A final name already holding the same bytes (another writer's) is kept; other bytes (stale) are replaced."""
+  path = tmp_path / "s.array_record"
+  first = shards.write_shard(path, [b"a", b"bc"])
+  inode = os.stat(path).st_ino
+  assert shards.write_shard(path, [b"a", b"bc"]) == first and os.stat(path).st_ino == inode
+  changed = shards.write_shard(path, [b"a", b"bd"])
+  assert changed["sha256"] != first["sha256"] and changed["sha256"] == shards.sha256_file(path)
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_temp_names_are_per_writer_and_dead_writers_are_cleaned(tmp_path):
+  names = {shards.temp_path(tmp_path / "x").name for _ in range(100)}
+  assert len(names) == 100 and all(n.startswith(f"x.tmp-{socket.gethostname()}-{os.getpid()}-") for n in names)
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                        check=True)
+  host = socket.gethostname()
+  files = {"mine": f"x.tmp-{host}-{os.getpid()}-0123abcd",  # a running writer: this test
+           "dead": f"x.json.tmp-{host}-{dead.stdout.strip()}-0123abcd",
+           "other_host": f"x.tmp-not-{host}-{dead.stdout.strip()}-0123abcd",
+           "final": "x"}
+  for name in files.values():
+    (tmp_path / name).write_bytes(b"")
+  shards.remove_dead_temps(tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[k] for k in ("mine", "other_host", "final"))
+
+
 # ---- sources ----
 
 def test_embedded_cifar10():
@@ -180,6 +211,7 @@ def test_folder_source(image_folder, kind):
   assert [src[i]["label"] for i in (0, 1, 2, 4)] == [0, 1, 0, 1]
   with pytest.raises(sources.CorruptImageError, match="dog/b.jpg"):
     src[3]
+  assert src.relative_names == ["val/cat/a.png", "val/dog/a.png", "val/cat/b.png", "val/dog/b.jpg", "val/dog/c.jpg"]
 
 
 def test_resize_and_crop(tmp_path):
@@ -192,7 +224,7 @@ def test_resize_and_crop(tmp_path):
   (tmp_path / "s" / "c" / "wide.png").write_bytes(_png(big))
   np.testing.assert_array_equal(sources.open_source(_data_cfg(**cfg, image_size=32), "s")[0]["image"],
                                 big[4:36, 14:46])  # no resize: center crop
-  with pytest.raises(ValueError, match="smaller than config.data.image_size=48"):
+  with pytest.raises(sources.ImageTooSmallError, match="wide.png: image is 40x60, smaller than config.data.image_size=48"):
     sources.open_source(_data_cfg(**cfg, image_size=48), "s")[0]
 
 
@@ -218,7 +250,7 @@ def test_tfds_source(tmp_path):
   TinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
   src = sources.open_source(_data_cfg(source="tfds", tfds_name="tiny_images", tfds_data_dir=str(tmp_path),
                                       image_size=10), "test")
-  assert len(src) == 3 and src.class_names == ["ant", "bee"]
+  assert len(src) == 3 and src.class_names == ["ant", "bee"] and src.relative_names == ["test[0]", "test[1]", "test[2]"]
   got = sorted((int(src[i]["image"][0, 0, 0]), src[i]["label"]) for i in range(3))
   assert got == [(0, 0), (20, 1), (40, 0)]
   assert src[0]["image"].shape == (10, 10, 3)  # 10x14 center-cropped

@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,8 +125,8 @@ _KILLABLE = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_degrade import _config, SPECS
     slow = degradations.apply
-    def apply(*args, **kwargs):  # slow the job down so the test can kill it mid-way
-      time.sleep(0.004)
+    def apply(*args, **kwargs):  # slow the job down so the test can kill it (or start another) mid-way
+      time.sleep({sleep})
       return slow(*args, **kwargs)
     degradations.apply = apply
     degrade.run_degrade(_config(), {workdir!r}, specs=SPECS)
@@ -135,14 +136,9 @@ _KILLABLE = textwrap.dedent("""
 def test_resume_after_kill_9(inline_run, tmp_path):
   w0, _ = inline_run
   w = str(tmp_path / "killed")
-  script = _KILLABLE.format(tests=os.path.dirname(__file__), workdir=w)
+  script = _KILLABLE.format(tests=os.path.dirname(__file__), workdir=w, sleep=0.004)
   proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
-  deadline = time.time() + 60
-  while time.time() < deadline and proc.poll() is None:
-    done = [f for f in _stats(w) if os.path.exists(os.path.join(w, f) + ".json")]
-    if len(done) >= 5:
-      break
-    time.sleep(0.01)
+  _wait_for_complete_shards(w, proc, 5)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   assert not os.path.exists(os.path.join(w, "data", "manifest.json")), "the job finished before the kill"
@@ -158,6 +154,32 @@ def test_resume_after_kill_9(inline_run, tmp_path):
   assert {f: after[f] for f in complete} == complete  # complete shards were not rewritten
   assert _checksums(w) == _checksums(w0)
   assert not [f for _, _, fs in os.walk(w) for f in fs if ".tmp" in f]  # partial shards were redone
+
+
+def _wait_for_complete_shards(workdir, proc, n):
+  deadline = time.time() + 60
+  while time.time() < deadline and proc.poll() is None:
+    if len([f for f in _stats(workdir) if os.path.exists(os.path.join(workdir, f) + ".json")]) >= n:
+      return
+    time.sleep(0.01)
+
+
+def test_two_writers_at_once_write_single_writer_bytes(inline_run, tmp_path):
+  """A second job started on the same workdir mid-way: both finish, every shard as a single writer's."""
+  w0, _ = inline_run
+  w = str(tmp_path / "two")
+  script = _KILLABLE.format(tests=os.path.dirname(__file__), workdir=w, sleep=0.03)
+  first = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  _wait_for_complete_shards(w, first, 1)
+  second = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+  outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+  assert first.returncode == second.returncode == 0, outs
+  planned = re.search(r"(\d+) to write", outs[1])
+  assert planned and int(planned.group(1)) > 0, f"the second job started after the first ended: {outs[1]}"
+  assert _checksums(w) == _checksums(w0)
+  degrade.merge_manifests(w, verify=True)  # every file holds the bytes its manifest entry says
+  assert not [f for _, _, fs in os.walk(w) for f in fs if ".tmp" in f]
 
 
 def test_parts_merge_equals_single_run(inline_run, tmp_path):
@@ -190,44 +212,122 @@ def test_new_pixels_version_redoes_shards(tmp_path, monkeypatch):
   """Shards written before `apply` changed its pixels (PIXELS_VERSION bumped) are rewritten, not reused."""
   w = str(tmp_path / "w")
   degrade.run_degrade(_config(), w, specs=["jp2k:10"])
-  before = _stats(w)
+  before, old = _stats(w), _checksums(w)
   assert degrade.run_degrade(_config(), w, specs=["jp2k:10"]) and _stats(w) == before  # current: reused
+  apply = degradations.apply
+
+  def new_pixels(*args, **kwargs):  # the new version: every pixel one higher (mod 256)
+    image, info = apply(*args, **kwargs)
+    return image + np.uint8(1), info
+  monkeypatch.setattr(degradations, "apply", new_pixels)
   monkeypatch.setattr(degradations, "PIXELS_VERSION", degradations.PIXELS_VERSION + 1)
   m = degrade.run_degrade(_config(), w, specs=["jp2k:10"])
-  after = _stats(w)
-  assert m["degradations"] == degradations.PIXELS_VERSION and after.keys() == before.keys()
-  assert all(after[f] != before[f] for f in before)
+  new = _checksums(w)
+  assert m["degradations"] == degradations.PIXELS_VERSION and new.keys() == old.keys()
+  assert all(new[f] != old[f] for f in old)
+  degrade.merge_manifests(w, verify=True)  # the files on disk are the new ones
+  source = sources.open_source(_config().data, "test")
+  recs = shards.open_shards(shards.spec_dir(w, "test", "jp2k:10"))
+  np.testing.assert_array_equal(recs[7]["image"], apply("jp2k:10", source[7]["image"], seed=3, index=7)[0] + 1)
+
+
+def _encoded(image, fmt, **params):
+  buf = io.BytesIO()
+  image.save(buf, fmt, **params)
+  return buf.getvalue()
+
+
+def _bad_folder(root):
+  """An ImageFolder whose val split mixes images of unusual modes and sizes with files msnet cannot use.
+
+  Returns {val file: the 16x16 RGB image msnet must read from it, by Pillow's own conversion and center
+  crop}; the files missing from it must be skipped.
+  """
+  rng = np.random.default_rng(0)
+  rgb = lambda h, w: PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+  palette = rgb(16, 16).convert("P", palette=PIL.Image.Palette.ADAPTIVE)
+  palette.info["transparency"] = 3
+  grey16 = PIL.Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16))
+  usable = {"a/0.png": (rgb(16, 16), "PNG"), "a/1.png": (palette, "PNG"),
+            "a/2.jpg": (rgb(20, 24).convert("CMYK"), "JPEG"), "a/3.png": (rgb(16, 16).convert("LA"), "PNG"),
+            "b/0.png": (grey16, "PNG"), "b/5.jpeg": (rgb(18, 17).convert("L"), "JPEG")}
+  jpeg = _encoded(rgb(16, 16), "JPEG")
+  unusable = {"a/4.jpg": jpeg[:len(jpeg) // 2], "b/1.png": b"", "b/2.png": b"\x89PNG\r\n\x1a\n truncated",
+              "b/3.jpg": b"a text file\n", "b/4.png": _encoded(rgb(8, 12), "PNG")}  # 8x12 < image_size
+  expected = {}
+  for name, (image, fmt) in usable.items():
+    (root / "val" / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / "val" / name).write_bytes(_encoded(image, fmt))
+    with PIL.Image.open(root / "val" / name) as im:
+      array = np.asarray(im.convert("RGB"))
+    top, left = (array.shape[0] - 16) // 2, (array.shape[1] - 16) // 2
+    expected[f"val/{name}"] = array[top:top + 16, left:left + 16]
+  for name, data in unusable.items():
+    (root / "val" / name).write_bytes(data)
+  for c in ("a", "b"):
+    (root / "train" / c).mkdir(parents=True)
+    for i in range(3):
+      (root / "train" / c / f"{i}.png").write_bytes(_encoded(rgb(16, 16), "PNG"))
+  return expected
 
 
 @pytest.fixture
 def corrupt_folder(tmp_path):
-  rng = np.random.default_rng(0)
-  for split in ("train", "val"):
-    for c in ("a", "b"):
-      (tmp_path / "f" / split / c).mkdir(parents=True)
-      for i in range(5):
-        buf = io.BytesIO()
-        PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
-        (tmp_path / "f" / split / c / f"{i}.png").write_bytes(buf.getvalue())
-  (tmp_path / "f" / "val" / "b" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+  expected = _bad_folder(tmp_path / "f")
   c = config_lib.base_config()
   c.data.source, c.data.path, c.data.image_size, c.data.eval_split = "folder", str(tmp_path / "f"), 16, "val"
   c.degrade.records_per_shard, c.degrade.num_workers = 4, 0
-  return c, tmp_path
+  c.evaluate.sweeps = []
+  return c, tmp_path, expected
 
 
-def test_corrupt_skip_and_raise(corrupt_folder):
-  c, tmp = corrupt_folder
-  m = degrade.run_degrade(c, str(tmp / "w"), specs=["clean", "jpeg:50"])
+def test_unusable_files_skipped_named_and_said(corrupt_folder, capsys):
+  from msnet import pipeline
+  c, tmp, expected = corrupt_folder
+  pipeline.degrade(c, tmp / "w")
+  m = shards.read_json(tmp / "w" / "data" / "manifest.json")
   val = m["splits"]["val"]
-  assert val["skipped"] == [5]  # round-robin order: a/0 b/0 a/1 b/1 a/2 b/2 ...
-  for spec in ("clean", "jpeg:50"):
-    assert val["specs"][spec]["num_records"] == 9
+  # Round-robin order: a/0 b/0 a/1 b/1 a/2 b/2 a/3 b/3 a/4 b/4 b/5.
+  order = ["val/a/0.png", "val/b/0.png", "val/a/1.png", "val/b/1.png", "val/a/2.jpg", "val/b/2.png",
+           "val/a/3.png", "val/b/3.jpg", "val/a/4.jpg", "val/b/4.png", "val/b/5.jpeg"]
+  bad = [i for i, name in enumerate(order) if name not in expected]
+  assert val["skipped"] == bad and val["skipped_names"] == [order[i] for i in bad]
+  assert m["splits"]["train"]["skipped"] == m["splits"]["train"]["skipped_names"] == []
+  for spec in val["specs"]:
     recs = shards.open_shards(shards.spec_dir(tmp / "w", "val", spec))
-    assert [recs[i]["index"] for i in range(9)] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert [recs[i]["index"] for i in range(len(recs))] == [i for i, name in enumerate(order) if name in expected]
+  clean = shards.open_shards(shards.spec_dir(tmp / "w", "val", "clean"))
+  for j in range(len(clean)):
+    np.testing.assert_array_equal(clean[j]["image"], expected[order[clean[j]["index"]]])
+  said = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+  assert said == [f"[msnet] degrade skipped 5 of 11 files of split 'val' that cannot be used "
+                  f"(degrade.on_corrupt='skip'): {', '.join(order[i] for i in bad)}; all of them in "
+                  f"{tmp / 'w' / 'data' / 'manifest.json'} (splits.val.skipped_names)"]
+
+
+@pytest.mark.parametrize("bad, fix", [("b/4.png", "image is 8x12, smaller than config.data.image_size=16; set "
+                                                  "config.data.resize_shorter"),
+                                      ("b/3.jpg", "cannot decode image")])
+def test_unusable_file_refused_with_its_name(corrupt_folder, bad, fix):
+  c, tmp, _ = corrupt_folder
+  for name in ("a/4.jpg", "b/1.png", "b/2.png", "b/3.jpg", "b/4.png"):
+    if name != bad:
+      (tmp / "f" / "val" / name).unlink()
   c.degrade.on_corrupt = "raise"
-  with pytest.raises(sources.CorruptImageError, match="val/b/2.png"):
-    degrade.run_degrade(c, str(tmp / "w_raise"), specs=["clean"])
+  with pytest.raises(sources.CorruptImageError, match=f"val/{bad}: {fix}.*on_corrupt='skip' skips it"):
+    degrade.run_degrade(c, str(tmp / "w"), specs=["clean"])
+
+
+def test_sidecars_without_names_get_them_from_the_source(corrupt_folder):
+  """Shards degraded before skipped files were named are reused; the manifest names their skipped files."""
+  c, tmp, _ = corrupt_folder
+  w = str(tmp / "w")
+  first = degrade.run_degrade(c, w, specs=["clean"])
+  for car in (tmp / "w" / "data").glob("*/clean/*.json"):
+    shards.write_json(car, {k: v for k, v in shards.read_json(car).items() if k != "skipped_names"})
+  (tmp / "w" / "data" / "manifest.json").unlink()
+  before = _stats(w)
+  assert degrade.run_degrade(c, w, specs=["clean"]) == first and _stats(w) == before
 
 
 def test_show_grid(inline_run, tmp_path):

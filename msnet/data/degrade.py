@@ -5,20 +5,29 @@ each record is degraded with `degradations.apply(spec, image, seed=config.seed, 
 the bytes written do not depend on how many workers or machines ran them. Units run in a pool of spawned
 worker processes (JAX is never imported there) or inline when `config.degrade.num_workers == 0`.
 
-Resumable: a unit is complete when its shard file has its final name (written as .tmp and renamed) and
-its sidecar .json records the unit's fingerprint and the file's size; a rerun skips complete units and
-redoes the rest. After `kill -9` a file with a final name is complete; a lost sidecar only costs a redo.
+Resumable: a unit is complete when its shard file has its final name (written under a temporary name
+of its own writer, then named) and its sidecar .json records the unit's fingerprint and the file's size;
+a rerun skips complete units and redoes the rest. After `kill -9` a file with a final name is complete;
+a lost sidecar only costs a redo. Writers never share a temporary file, and a unit that another writer
+completed meanwhile is taken as it is, so two jobs started on one workdir at once write the same bytes.
 
-Several machines: `config.degrade.num_shards = N, shard_index = i` (or -1: the JAX process index and
-count) runs every N-th unit and writes `W/data/manifest.part-<i>-of-<N>.json`; `merge_manifests` checks
-the parts against each other and the files and writes `W/data/manifest.json` (done automatically by the
-last part to finish, or by process 0 under JAX). A single machine is the case N = 1.
+Several JAX processes (launch/*.sh): process i of P runs every P-th unit and writes
+`W/data/manifest.part-<i>-of-<P>.json`; process 0 merges the parts once every process has said it is done
+(through the coordinator's key-value store, which waits as long as the slowest part takes), and all return
+the merged manifest. Several independent machines: `config.degrade.num_shards = N, shard_index = i` does
+the same by hand; `merge_manifests` checks the parts against each other and the files and writes
+`W/data/manifest.json` (done by the last part to finish). A single process is the case N = 1.
+
+Source files that cannot be used (undecodable, or smaller than `data.image_size` without
+`resize_shorter`) are skipped in every spec with `config.degrade.on_corrupt = "skip"`; the manifest lists
+them per split: `skipped` (record indices) and `skipped_names` (paths relative to the source), aligned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -40,6 +49,10 @@ _SOURCE_KEYS = ("source", "path", "tfds_name", "tfds_data_dir", "image_size", "r
 
 class PartsMissingError(ValueError):
   """Some parts of a job split across machines have not written their manifest part yet."""
+
+
+class PeerFailedError(RuntimeError):
+  """Another JAX process of the job failed its part of the degrade; its own output says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +92,11 @@ def _canonical_unique(specs: Sequence[str]) -> list[str]:
 
 def run_degrade(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
                 specs: Sequence[str] | None = None) -> dict[str, Any]:
-  """Write this machine's shards of both splits and its manifest part; returns the manifest (or part).
+  """Write this process's shards of both splits and its manifest part; returns the manifest (or part).
 
   `specs` (optional) replaces the config's spec lists of both splits, e.g. to add one spec for
   `msnet show`; the manifest keeps the entries of earlier runs with the same source and seed.
+  Under several JAX processes every process returns the merged manifest.
   """
   data_dir = epath.Path(workdir) / "data"
   part, num_parts, by_jax = _part(config.degrade)
@@ -91,7 +105,56 @@ def run_degrade(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
   if manifest and _manifest_covers(manifest, header, units, data_dir):
     print(f"[degrade] {data_dir / 'manifest.json'} is complete for these specs; nothing to do")
     return manifest
+  if by_jax and num_parts > 1:
+    return _run_jax_part(config, data_dir, header, units, part, num_parts)
+  part_manifest = _write_part(config, data_dir, header, units, part, num_parts)
+  # Hashes were computed while writing (this part); other parts' are checked by size here and by
+  # sha256 in an explicit merge_manifests(workdir).
+  try:
+    return merge_manifests(workdir, verify=False, reference=part_manifest)
+  except PartsMissingError as e:
+    print(f"[degrade] part {part} of {num_parts} written; {e}. The last part to finish merges them "
+          "(or call msnet.data.degrade.merge_manifests)")
+    return part_manifest
 
+
+_jax_jobs = itertools.count()  # numbers the JAX-split degrades of this process; every process counts alike
+
+
+def _run_jax_part(config: ml_collections.ConfigDict, data_dir: epath.Path, header: dict[str, Any],
+                  units: Sequence[Unit], part: int, num_parts: int) -> dict[str, Any]:
+  """Process `part`'s units; process 0 merges once every process reported; all return the manifest.
+
+  Processes report through the coordinator's key-value store, not a collective: gloo gives up on a peer
+  that reaches a collective 30 s after the others, and parts of a degrade may finish minutes apart.
+  """
+  from msnet import parallel  # noqa: PLC0415 (imports JAX; only the JAX-split degrade needs it)
+  key = f"msnet/degrade/{next(_jax_jobs)}"
+  try:
+    part_manifest = _write_part(config, data_dir, header, units, part, num_parts)
+  except BaseException as e:
+    parallel.announce(f"{key}/part-{part}", f"{type(e).__name__}: {e}")
+    raise
+  parallel.announce(f"{key}/part-{part}", "ok")
+  if part == 0:
+    reports = {p: parallel.await_key(f"{key}/part-{p}") for p in range(num_parts)}
+    failed = "; ".join(f"process {p}: {r}" for p, r in reports.items() if r != "ok")
+    if not failed:
+      try:
+        merge_manifests(data_dir.parent, verify=False, reference=part_manifest)
+      except BaseException as e:
+        parallel.announce(f"{key}/merged", f"merging the manifest parts on process 0: {type(e).__name__}: {e}")
+        raise
+    parallel.announce(f"{key}/merged", failed or "ok")
+  merged = parallel.await_key(f"{key}/merged")
+  if merged != "ok":
+    raise PeerFailedError(f"msnet degrade failed on another process ({merged}); see that process's output")
+  return shards.read_json(data_dir / "manifest.json")
+
+
+def _write_part(config: ml_collections.ConfigDict, data_dir: epath.Path, header: dict[str, Any],
+                units: Sequence[Unit], part: int, num_parts: int) -> dict[str, Any]:
+  """Write the shards of every `num_parts`-th unit from `part` and the manifest part that lists them."""
   _remove_stale(data_dir, units)
   mine = units[part::num_parts]
   done = {u.file: _complete_sidecar(data_dir, u) for u in mine}
@@ -102,25 +165,14 @@ def run_degrade(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
          "rules": [list(b.match) for b in config.bins], "data_dir": os.fspath(data_dir)}
   for sidecar in _run_units(todo, job, int(config.degrade.num_workers)):
     done[sidecar["file"]] = sidecar
-
+  for car in done.values():  # sidecars written before skipped files were named
+    if "skipped_names" not in car:
+      names = _source(job["data"], car["split"]).relative_names
+      car["skipped_names"] = [names[i] for i in car["skipped"]]
   part_manifest = {**header, "part": part, "num_parts": num_parts,
                    "expected": [u.file for u in units], "units": done}
   shards.write_json(data_dir / f"manifest.part-{part}-of-{num_parts}.json", part_manifest)
-  if by_jax and num_parts > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415 (only when split by JAX process)
-    multihost_utils.sync_global_devices("msnet_degrade_parts_written")
-    if part == 0:
-      merge_manifests(workdir, verify=False, reference=part_manifest)
-    multihost_utils.sync_global_devices("msnet_degrade_merged")
-    return shards.read_json(data_dir / "manifest.json")
-  # Hashes were computed while writing (this part); other parts' are checked by size here and by
-  # sha256 in an explicit merge_manifests(workdir).
-  try:
-    return merge_manifests(workdir, verify=False, reference=part_manifest)
-  except PartsMissingError as e:
-    print(f"[degrade] part {part} of {num_parts} written; {e}. The last part to finish merges them "
-          "(or call msnet.data.degrade.merge_manifests)")
-    return part_manifest
+  return part_manifest
 
 
 def plan(config: ml_collections.ConfigDict, specs: Sequence[str] | None = None
@@ -167,7 +219,7 @@ def merge_manifests(workdir: str | os.PathLike[str], *, verify: bool = True,
 
   Checks: all N parts present, same source/seed/bins/splits, every expected shard written by exactly
   one part, files present with their recorded size (and sha256 when `verify`), the same source records
-  skipped as corrupt in every spec. Spec entries of an earlier manifest with the same source and seed
+  skipped in every spec. Spec entries of an earlier manifest with the same source and seed
   whose files still exist are kept. The job merged is that of `reference` (a part), by default that of
   the newest part file; parts of other jobs (other specs or sizes) are ignored.
   """
@@ -199,18 +251,20 @@ def merge_manifests(workdir: str | os.PathLike[str], *, verify: bool = True,
   for split, info in newest["splits"].items():
     entry = {k: v for k, v in info.items() if k != "specs"}
     entry["specs"] = {}
-    skipped_by_spec = {}
+    skipped_by_spec, names = {}, {}
     for spec in info["specs"]:
       files = [f for f in newest["expected"] if units[f]["split"] == split and units[f]["spec"] == spec]
       cars = sorted((units[f] for f in files), key=lambda c: c["shard"])
       for c in cars:
         _check_file(data_dir, c, verify)
       skipped_by_spec[spec] = sorted(i for c in cars for i in c["skipped"])
+      names.update((i, name) for c in cars for i, name in zip(c["skipped"], c["skipped_names"], strict=True))
       entry["specs"][spec] = _spec_entry(split, spec, cars)
     skipped = {tuple(v) for v in skipped_by_spec.values()}
     if len(skipped) > 1:
-      raise ValueError(f"split {split}: specs skipped different corrupt records: {skipped_by_spec}")
+      raise ValueError(f"split {split}: specs skipped different source records: {skipped_by_spec}")
     entry["skipped"] = list(skipped.pop()) if skipped else []
+    entry["skipped_names"] = [names[i] for i in entry["skipped"]]
     splits[split] = entry
 
   manifest = {k: v for k, v in newest.items() if k not in ("part", "expected", "units", "splits")}
@@ -261,7 +315,7 @@ def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _split_header(entry: dict[str, Any]) -> dict[str, Any]:
   """What the records of a split depend on (sizes, class names), without its specs."""
-  return {k: v for k, v in entry.items() if k not in ("specs", "skipped")}
+  return {k: v for k, v in entry.items() if k not in ("specs", "skipped", "skipped_names")}
 
 
 def _same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -287,12 +341,16 @@ def _manifest_covers(manifest: dict[str, Any], header: dict[str, Any], units: Se
 
 
 def _remove_stale(data_dir: epath.Path, units: Sequence[Unit]) -> None:
-  """Delete shards of these spec dirs that the plan does not name (an earlier run with other sizes)."""
+  """Delete shards of these spec dirs that the plan does not name (an earlier run with other sizes) and
+  temporary files that killed writers of this host left."""
   expected = {u.file for u in units}
+  if data_dir.exists():
+    shards.remove_dead_temps(data_dir)
   for spec_dir in sorted({u.file.rsplit("/", 1)[0] for u in units}):
     d = data_dir / spec_dir
     if not d.exists():
       continue
+    shards.remove_dead_temps(d)
     for p in d.glob("shard-*"):
       shard = re.match(r"shard-\d{5}-of-\d{5}\.array_record", p.name)
       if shard and f"{spec_dir}/{shard.group()}" not in expected:
@@ -309,9 +367,18 @@ def _complete_sidecar(data_dir: epath.Path, unit: Unit) -> dict[str, Any] | None
 
 
 def _part(degrade_cfg: ml_collections.ConfigDict) -> tuple[int, int, bool]:
-  """(this part, number of parts, split by JAX process?)."""
-  if degrade_cfg.shard_index == -1:
-    import jax  # noqa: PLC0415 (only the multi-process split needs JAX)
+  """(this part, number of parts, split by JAX process?).
+
+  Several JAX processes always split the units among themselves (shard_index -1 asks for it even with
+  one); a split by hand (num_shards > 1) is for independent single-process jobs and cannot be combined.
+  """
+  import jax  # noqa: PLC0415 (the main process only; workers never import JAX)
+  if degrade_cfg.shard_index == -1 or jax.process_count() > 1:
+    if degrade_cfg.num_shards > 1 and jax.process_count() > 1:
+      raise ValueError(
+          f"config.degrade.num_shards={degrade_cfg.num_shards} splits the degrade by hand, but this is one "
+          f"job of {jax.process_count()} JAX processes, which split it among themselves: leave num_shards=1 "
+          "and shard_index=0, or run each part as a plain single process")
     return jax.process_index(), jax.process_count(), True
   return int(degrade_cfg.shard_index), int(degrade_cfg.num_shards), False
 
@@ -392,14 +459,21 @@ def _run_units(units: Sequence[Unit], job: dict[str, Any], num_workers: int) -> 
 
 
 def _degrade_unit(unit: Unit, job: dict[str, Any]) -> dict[str, Any]:
-  """Degrade the records of one unit into its shard and write its sidecar."""
+  """Degrade the records of one unit into its shard and write its sidecar.
+
+  A unit that another writer (process, machine) completed since the plan is returned as it is.
+  """
   from msnet import degradations  # noqa: PLC0415
+  data_dir = epath.Path(job["data_dir"])
+  finished = _complete_sidecar(data_dir, unit)
+  if finished is not None:
+    with _progress.get_lock():
+      _progress.value += unit.stop - unit.start
+    return finished
   items = _records_of(job["data"], unit)
-  path = epath.Path(job["data_dir"]) / unit.file
+  names = _source(job["data"], unit.split).relative_names
+  path = data_dir / unit.file
   path.parent.mkdir(parents=True, exist_ok=True)
-  shards.sidecar_path(path).unlink(missing_ok=True)  # never pair an old sidecar with a new file
-  for leftover in path.parent.glob(f"{path.name}.json.tmp*"):  # a sidecar cut by a kill
-    leftover.unlink(missing_ok=True)
   bin_ = degradations.bin_of(unit.spec, job["rules"])
   stats = {"psnr_sum": 0.0, "psnr_count": 0, "psnr_inf_count": 0, "bpp_sum": 0.0, "bpp_count": 0,
            "ratio_sum": 0.0, "ratio_count": 0}
@@ -409,7 +483,7 @@ def _degrade_unit(unit: Unit, job: dict[str, Any]) -> dict[str, Any]:
     for i, item in enumerate(items, start=unit.start):
       if isinstance(item, sources.CorruptImageError):
         if job["on_corrupt"] == "raise":
-          raise sources.CorruptImageError(
+          raise type(item)(
               f"{item} (record {i} of split {unit.split!r}; config.degrade.on_corrupt='skip' skips it)")
         skipped.append(i)
         continue
@@ -429,7 +503,7 @@ def _degrade_unit(unit: Unit, job: dict[str, Any]) -> dict[str, Any]:
     _progress.value += len(skipped)
   sidecar = {"fingerprint": unit.fingerprint, "file": unit.file, "split": unit.split, "spec": unit.spec,
              "shard": unit.shard, "num_shards": unit.num_shards, "start": unit.start, "stop": unit.stop,
-             "bin": bin_, "skipped": skipped, **written, **stats}
+             "bin": bin_, "skipped": skipped, "skipped_names": [names[i] for i in skipped], **written, **stats}
   shards.write_json(shards.sidecar_path(path), sidecar)
   return sidecar
 

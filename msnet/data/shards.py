@@ -27,8 +27,11 @@ read without decompressing its neighbours):
                       codec         "jpeg", "jp2k" or null
   bytes [4+L, end)  h*w*3 bytes: the degraded image, uint8 RGB, row-major (exactly what the network sees)
 
-A shard is written as `<name>.tmp`, closed, fsynced and renamed, so a file with its final name is always
-complete; its `.json` sidecar is written after the rename and records the file's sha256 and size.
+A shard is written under a temporary name of its own writer (`<name>.tmp-<host>-<pid>-<random>`), closed,
+fsynced and given its final name, so a file with its final name is always complete and no two writers
+(processes, machines on a shared filesystem) ever share or rename each other's temporary file. A final
+name is taken without replacing a file another writer put there with the same bytes; its `.json` sidecar
+is written after it and records the file's sha256 and size.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import json
 import math
 import os
 import re
+import secrets
+import socket
 import struct
 from typing import Any, Iterable, Sequence
 
@@ -49,6 +54,7 @@ SHARD_SUFFIX = ".array_record"
 WRITER_OPTIONS = "group_size:1,zstd:3"
 _SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.array_record")
 _HEADER = struct.Struct("<I")
+_TEMP_RE = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 def encode_record(image: np.ndarray, meta: dict[str, Any]) -> bytes:
@@ -115,10 +121,13 @@ def sidecar_path(shard: str | os.PathLike[str]) -> epath.Path:
 
 
 def write_shard(path: str | os.PathLike[str], records: Iterable[bytes]) -> dict[str, Any]:
-  """Write records atomically (tmp, fsync, rename); returns {num_records, bytes, sha256} of the file."""
+  """Write records atomically (own temporary file, fsync, final name); returns {num_records, bytes, sha256}.
+
+  When another writer finished the same shard first (its file holds the same bytes), that file is kept.
+  """
   from array_record.python import array_record_module  # noqa: PLC0415 (C++ extension)
   path = os.fspath(path)
-  tmp = f"{path}.tmp"
+  tmp = os.fspath(temp_path(path))
   writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
   count = 0
   try:
@@ -133,8 +142,55 @@ def write_shard(path: str | os.PathLike[str], records: Iterable[bytes]) -> dict[
       digest.update(block)
     os.fsync(f.fileno())
   size = os.path.getsize(tmp)
-  os.replace(tmp, path)
+  _publish(tmp, path, digest.hexdigest())
   return {"num_records": count, "bytes": size, "sha256": digest.hexdigest()}
+
+
+def _publish(tmp: str, path: str, sha256: str) -> None:
+  """Give `tmp` the name `path`, never replacing a file of the same bytes that another writer put there.
+
+  A hard link creates the name only if it is free, atomically; a file already there with other bytes is
+  stale (an earlier job's) and is replaced. Filesystems without hard links fall back to a check, then a
+  rename.
+  """
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    if sha256_file(path) != sha256:
+      os.replace(tmp, path)
+  except OSError:  # no hard links here (some FUSE mounts)
+    if not os.path.exists(path) or sha256_file(path) != sha256:
+      os.replace(tmp, path)
+  if os.path.exists(tmp):
+    os.unlink(tmp)
+
+
+def temp_path(path: str | os.PathLike[str]) -> epath.Path:
+  """A temporary name beside `path` that belongs to this writer alone: host, pid and a random part."""
+  return epath.Path(f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_dead_temps(directory: str | os.PathLike[str]) -> None:
+  """Delete the temporary files in `directory` whose writer, a process of this host, no longer runs.
+
+  Left by a kill; temporary files of running writers and of other hosts are never touched (a writer on
+  another host is cleaned up by that host's next run).
+  """
+  host = socket.gethostname()
+  for p in epath.Path(directory).glob("*.tmp-*"):
+    writer = _TEMP_RE.search(p.name)
+    if writer and writer.group("host") == host and not _running(int(writer.group("pid"))):
+      p.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)  # signal 0 only asks whether the process exists
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # it exists, as another user's process
+    pass
+  return True
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -157,7 +213,7 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
   """Write JSON atomically (tmp + rename), so a reader never sees half a file."""
   path = epath.Path(path)
-  tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+  tmp = temp_path(path)
   tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
   tmp.replace(path)
 

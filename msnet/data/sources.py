@@ -11,7 +11,8 @@ Sources only decode and shape images; the degrade job applies `max_*_examples` c
 converted to RGB (grey and RGBA through `degradations.as_rgb_uint8`, on purpose: the network and the
 codecs work on 3 channels). With `resize_shorter > 0` the shorter side is resized (bicubic) and the
 center `image_size` square is cropped, before any degradation, so the network sees exactly the
-degraded pixels. Without resizing a larger image is center-cropped and a smaller one is refused.
+degraded pixels. Without resizing a larger image is center-cropped and a smaller one is unusable
+(`ImageTooSmallError`, a `CorruptImageError`: the degrade job skips or refuses it by `degrade.on_corrupt`).
 Images are decoded lazily, one per `[i]`: workers of the degrade job each open their own source.
 
 ImageFolder records are ordered round-robin over the sorted classes (files sorted within a class), so
@@ -42,12 +43,18 @@ class CorruptImageError(errors.UserError, ValueError):
   """A source image cannot be decoded; the message names the file."""
 
 
+class ImageTooSmallError(CorruptImageError):
+  """A source image smaller than `data.image_size` without `resize_shorter`: unusable like a corrupt one,
+  so `degrade.on_corrupt` decides (skip it, or refuse it with its name)."""
+
+
 class ImageSource:
   """Random access to `{"image": uint8 HxWx3, "label": int}` with `.class_names`."""
 
-  def __init__(self, names: Sequence[str], class_names: Sequence[str], image_size: int,
-               resize_shorter: int):
+  def __init__(self, names: Sequence[str], relative_names: Sequence[str], class_names: Sequence[str],
+               image_size: int, resize_shorter: int):
     self.names = list(names)  # file name (or tfds key) of each record, for error messages
+    self.relative_names = list(relative_names)  # the same relative to the source, for the manifest
     self.class_names = list(class_names)
     self._image_size = image_size
     self._resize_shorter = resize_shorter
@@ -86,7 +93,8 @@ class _ArchiveFolder(ImageSource):
     class_names = sorted(by_class)
     label_of = {c: i for i, c in enumerate(class_names)}
     entries = _round_robin([by_class[c] for c in class_names])
-    super().__init__([f"{path}:{e[1]}" for e in entries], class_names, image_size, resize_shorter)
+    super().__init__([f"{path}:{e[1]}" for e in entries], [e[1] for e in entries], class_names, image_size,
+                     resize_shorter)
     self._labels = [label_of[e[0]] for e in entries]
     self._data = memoryview(data)
     self._spans = [(e[2], e[3]) for e in entries]
@@ -109,7 +117,8 @@ class _DirFolder(ImageSource):
                             for label, c in enumerate(class_names)])
     if not entries:
       raise errors.MissingInputError(f"{split_dir}: no images in '<class>/' folders (expected {IMAGE_EXTENSIONS})")
-    super().__init__([str(e[0]) for e in entries], class_names, image_size, resize_shorter)
+    super().__init__([str(e[0]) for e in entries], [e[0].relative_to(root).as_posix() for e in entries],
+                     class_names, image_size, resize_shorter)
     self._labels = [e[1] for e in entries]
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
@@ -127,7 +136,8 @@ class _TfdsSource(ImageSource):
     import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only this source needs it)
     self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None)
     label = self._ds.dataset_info.features["label"]
-    super().__init__([f"tfds:{name}/{split}[{i}]" for i in range(len(self._ds))], label.names,
+    super().__init__([f"tfds:{name}/{split}[{i}]" for i in range(len(self._ds))],
+                     [f"{split}[{i}]" for i in range(len(self._ds))], label.names,
                      image_size, resize_shorter)
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
@@ -240,8 +250,8 @@ def _shape(image: np.ndarray, size: int, shorter: int, name: str) -> np.ndarray:
     image = np.asarray(PIL.Image.fromarray(image).resize(new, PIL.Image.Resampling.BICUBIC))
     h, w = image.shape[:2]
   if h < size or w < size:
-    raise errors.InvalidInputError(f"{name}: image is {h}x{w}, smaller than config.data.image_size={size}; "
-                                   "set config.data.resize_shorter to resize it")
+    raise ImageTooSmallError(f"{name}: image is {h}x{w}, smaller than config.data.image_size={size}; "
+                             "set config.data.resize_shorter to resize it")
   if (h, w) != (size, size):
     top, left = (h - size) // 2, (w - size) // 2
     image = image[top:top + size, left:left + size]
