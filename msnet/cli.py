@@ -8,6 +8,7 @@
   msnet report   --workdir=OUT --runs=W1,W2,W3 (one report over runs of one config with different seeds)
   msnet run      --config=... --workdir=W     (degrade -> train stages -> evaluate -> report)
   msnet demo     [--workdir=W]                (run with configs/demo.py on the embedded CIFAR-10)
+  msnet study    --config=configs/depth_study.py --workdir=W   (the trunk-depth study: msnet/study.py)
 
 Without --config, a subcommand reads the resolved config a previous command wrote to W/config.json.
 
@@ -37,7 +38,7 @@ from ml_collections import config_flags
 
 from msnet import config as config_lib, errors
 
-SUBCOMMANDS = ("degrade", "show", "train", "evaluate", "report", "run", "demo")
+SUBCOMMANDS = ("degrade", "show", "train", "evaluate", "report", "run", "demo", "study")
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 LOGS = "logs"  # W/logs/<command>-p<process index>.log
 USER_ERROR_EXIT_CODE = 2
@@ -226,6 +227,9 @@ def _run(command: str, workdir: pathlib.Path, logs: _LibraryLogs) -> None:
     pipeline.report(cfg, workdir)
   elif command in ("run", "demo"):
     pipeline.run(cfg, workdir)
+  elif command == "study":
+    from msnet import study  # noqa: PLC0415
+    study.run_study(cfg, workdir)
 
 
 def main() -> None:

@@ -11,12 +11,19 @@
                     over record pairs and masks the top mask_ratio of them (feature_mask.npy).
 
 A stage's own `train_specs` (config.stages.<stage>.train_specs) replaces its default data.
+
+Trunk depth: the stages that start from the baseline load it re-split to config.model.trunk_layers
+(`load_baseline`), so a baseline trained at one depth serves branches at any other. `share_baseline` gives
+another workdir that baseline as a stage of its own without copying it: a ckpt symlink and a DONE.json whose
+`trunk` lists the layers the trunk holds there, which `load_params` applies.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import pathlib
 import time
 from typing import Any
 
@@ -37,6 +44,7 @@ DA_TRAINABLE = {
     "da_fc678": ("branches/fc6/.*", "branches/fc7/.*", "branches/fc8/.*"),
 }
 FEATURE_MASK = "feature_mask.npy"
+SHARED_TRUNK = "trunk"  # DONE.json of a shared baseline: the weight layers its trunk holds in this workdir
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -55,12 +63,50 @@ def _unique(specs: Any) -> list[str]:
 
 
 def load_params(workdir: Any, stage: str) -> Any:
-  """Final params of a completed stage, as host NumPy arrays (put them into shardings yourself)."""
-  if loop.read_done(workdir, stage) is None:
+  """Final params of a completed stage, as host NumPy arrays (put them into shardings yourself); a shared
+  baseline comes cut where its DONE.json's `trunk` says."""
+  done = loop.read_done(workdir, stage)
+  if done is None:
     done_file = loop.stage_dir(workdir, stage) / loop.DONE
     raise errors.MissingInputError(f"stage {stage!r} is not complete (no {done_file}); "
                                    f"run `msnet train --stage={stage}` first")
-  return restore_params(loop.stage_dir(workdir, stage) / loop.CKPT)
+  params = restore_params(loop.stage_dir(workdir, stage) / loop.CKPT)
+  return models.move_to_trunk(params, done[SHARED_TRUNK]) if SHARED_TRUNK in done else params
+
+
+def load_baseline(workdir: Any, config: ml_collections.ConfigDict) -> Any:
+  """The baseline's params cut at config.model.trunk_layers, whatever depth it was trained at."""
+  table = models.model_table(config.model, int(config.data.num_classes))
+  return models.resplit_params(load_params(workdir, "baseline"), table, int(config.model.trunk_layers))
+
+
+def share_baseline(source: Any, workdir: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Make `source`'s completed baseline the baseline of `workdir`, cut at config.model.trunk_layers.
+
+  Nothing is copied: W/train/baseline/ckpt is a relative symlink to the source's checkpoints (local paths
+  only) and DONE.json (the source's, plus `trunk_layers`, the trunk's layer names and `shared_from`) makes
+  `load_params` re-split them.
+  """
+  src = pathlib.Path(os.fspath(loop.stage_dir(source, "baseline")))
+  done = loop.read_done(source, "baseline")
+  if done is None:
+    raise FileNotFoundError(f"no baseline to share: {src / loop.DONE} is missing; train it first "
+                            f"(msnet train --stage=baseline --workdir={source})")
+  dst = pathlib.Path(os.fspath(loop.stage_dir(workdir, "baseline")))
+  link = dst / loop.CKPT
+  if link.exists() and not link.is_symlink():
+    raise FileExistsError(f"{link} holds a baseline trained in {workdir}; share_baseline would hide it: give "
+                          "a fresh workdir")
+  table = models.model_table(config.model, int(config.data.num_classes))
+  if jax.process_index() == 0:
+    dst.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+      link.symlink_to(os.path.relpath(src / loop.CKPT, dst), target_is_directory=True)
+  result = {**{k: v for k, v in done.items() if k != SHARED_TRUNK}, "trunk_layers": int(config.model.trunk_layers),
+            SHARED_TRUNK: models.trunk_weight_layers(table, int(config.model.trunk_layers)),
+            "shared_from": str(src)}
+  loop.write_done(workdir, "baseline", result)
+  return result
 
 
 def restore_params(ckpt_dir: Any, step: int | None = None) -> Any:
@@ -82,7 +128,7 @@ def restore_params(ckpt_dir: Any, step: int | None = None) -> Any:
 
 def load_slave_params(workdir: Any, config: ml_collections.ConfigDict) -> Any:
   """The K=len(bins) slave: the baseline's trunk, its branch as branch 0, branch_<bin> stages as 1..K-1."""
-  base = load_params(workdir, "baseline")
+  base = load_baseline(workdir, config)
   branches = [base["branches"]] + [load_params(workdir, f"branch_{b.name}")["branches"] for b in config.bins[1:]]
   return {**base, "branches": jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *branches)}
 
@@ -100,11 +146,11 @@ def _dummy(config: ml_collections.ConfigDict) -> jax.Array:
   return jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
 
 
-def _from_baseline(workdir: Any, stage: str) -> Any:
+def _from_baseline(workdir: Any, stage: str, config: ml_collections.ConfigDict) -> Any:
   if loop.read_done(workdir, "baseline") is None:
     raise errors.MissingInputError(f"stage {stage!r} starts from the baseline, which is not complete: run "
                                    "`msnet train --stage=baseline` first")
-  return lambda: load_params(workdir, "baseline")
+  return lambda: load_baseline(workdir, config)
 
 
 def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loop.Job:
@@ -147,11 +193,11 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
     b = bins[1 + names.index(stage[len("branch_"):])]
     s = config.stages.branch
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or list(b.train_specs),
-                    init_params=_from_baseline(workdir, stage), trainable=("branches/.*",), eval_specs=clean)
+                    init_params=_from_baseline(workdir, stage, config), trainable=("branches/.*",), eval_specs=clean)
   if stage in DA_TRAINABLE:
     s = config.stages[stage]
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or every_bin,
-                    init_params=_from_baseline(workdir, stage), trainable=DA_TRAINABLE[stage], eval_specs=clean)
+                    init_params=_from_baseline(workdir, stage, config), trainable=DA_TRAINABLE[stage], eval_specs=clean)
   if stage == "alexnet_baseline":
     alexnet = models.build_slave(config_lib.alexnet_model(config), int(config.data.num_classes), 1)
     s = config.stages.alexnet_baseline
@@ -161,7 +207,7 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
   if stage == "stability":
     s = config.stages.stability
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
-                    init_params=_from_baseline(workdir, stage), loss="stability", eval_specs=clean)
+                    init_params=_from_baseline(workdir, stage, config), loss="stability", eval_specs=clean)
   raise errors.InvalidInputError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
 
 
@@ -175,7 +221,7 @@ def run_deepcloak(config: ml_collections.ConfigDict, workdir: Any, batch_size: i
   """
   start_t = time.perf_counter()
   dc = config.stages.deepcloak
-  params = jax.device_put(_from_baseline(workdir, "deepcloak")())
+  params = jax.device_put(_from_baseline(workdir, "deepcloak", config)())
   model = _slave(config)
 
   @functools.partial(jax.jit, compiler_options=models.compiler_options())

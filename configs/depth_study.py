@@ -1,0 +1,53 @@
+r"""The trunk-depth study: branches, MS/AMS/oracle and the cost of a branch at several `model.trunk_layers`.
+
+  msnet study --config=configs/depth_study.py --workdir=runs/depth          # 4 depths on the demo's network
+  msnet study --config=configs/depth_study.py:runlocal --workdir=/tmp/depth  # 2 depths, tiny steps
+
+The demo's data, network and stages (configs/demo.py): one baseline and one master, trained once, and per
+depth the branches for JPEG 5-20 and JPEG 2000 12:1-24:1 from the baseline re-split at that depth, each
+`stages.branch.steps` long as in the demo. Only the methods and specs the table needs are evaluated.
+W/study/depth.md holds the table and figure (msnet/study.py).
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from msnet import config as config_lib
+
+
+def _demo_config(arg: str | None) -> ml_collections.ConfigDict:
+  """configs/demo.py's config (the same arg: runlocal shrinks it as it shrinks the demo)."""
+  spec = importlib.util.spec_from_file_location("msnet_demo_config", pathlib.Path(__file__).with_name("demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg)
+  c = _demo_config(arg)
+  c.comparisons = ()                     # no DA / stability / DeepCloak / AlexNet: the study trains none of them
+  c.stages.deepcloak.train_specs = ()    # so `msnet degrade` writes no shards for DeepCloak
+  c.evaluate.methods = ("baseline", "branches", "ms", "ams", "oracle")
+  c.sweeps = ml_collections.ConfigDict(dict(
+      clean=("clean",),
+      jpeg=("jpeg:5", "jpeg:10", "jpeg:20"),
+      jp2k=("jp2k:12", "jp2k:24"),       # 24:1, the strongest ratio reachable at 32x32 (config_lib.cifar_jp2k)
+  ))
+  c.evaluate.sweeps = tuple(c.sweeps.keys())
+  c.study = ml_collections.ConfigDict(dict(
+      trunk_layers=(2, 4, 7, 10),        # depths studied: conv layers in the shared trunk (conv1_1=1 ... conv5_3=13)
+      specs=("clean", "jpeg:10", "jpeg:5", "jp2k:24"),  # accuracy columns of the table (each in an evaluated sweep)
+      accuracy_methods=("baseline", "ms"),             # methods whose accuracy at `specs` the table shows
+      change_methods=("oracle", "ms", "ams"),          # methods whose % change the table shows
+      clean="clean",                     # the % change's c: the baseline's accuracy on this spec ...
+      degraded="jpeg:10",                # ... and d, on this one (the paper's Table 1: JPEG quality 10)
+  ))
+  if args.get("runlocal"):
+    c.study.trunk_layers = (4, 10)
+    c.study.specs = ("clean", "jpeg:10", "jp2k:24")
+    c.sweeps = ml_collections.ConfigDict(dict(clean=("clean",), jpeg=("jpeg:10",), jp2k=("jp2k:24",)))
+    c.evaluate.sweeps = tuple(c.sweeps.keys())
+  return c

@@ -1,0 +1,223 @@
+"""`msnet study`: the trunk-depth study, the trade-off a user of the method chooses on.
+
+Where the shared trunk ends decides what a branch can relearn for its degradation and what each branch
+costs. Trunk and branches are one network cut at `model.trunk_layers`, so one trained baseline serves every
+depth (re-split, `msnet.models.resplit_params`), and so does one master (it never sees the slave).
+
+  W/                    degrade once, baseline and master trained once (the study config's own trunk depth)
+  W/depth-<d>/          data -> ../data and train/master -> ../../train/master (symlinks), train/baseline
+                        shared from W cut at d (`msnet.train.stages.share_baseline`: a ckpt symlink, no
+                        copy), its own branch_<bin> stages, eval/ over the study config's sweeps and methods
+  W/study/depth.md      the table and figure; depth.csv, depth.png
+
+Every part is skipped when complete (shards, DONE.json, evaluation cells), like `msnet run`. The study's
+knobs are the config's `study` section (configs/depth_study.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from msnet import config as config_lib, degradations, models, pipeline
+from msnet.report import sections, tables
+from msnet.train import stages
+
+TABLE_METHODS = ("baseline", "ms", "ams", "oracle")  # what the table can show: the K=1 network and the rules
+
+
+def depth_dir(workdir: pathlib.Path, trunk_layers: int) -> pathlib.Path:
+  return workdir / f"depth-{trunk_layers}"
+
+
+def check_study(config: ml_collections.ConfigDict) -> None:
+  """Refuse a study section the run cannot finish, naming the field (before anything is degraded)."""
+  if "study" not in config:
+    raise config_lib.ConfigError("config.study: missing; `msnet study` needs a study config such as "
+                                 "configs/depth_study.py")
+  s = config.study
+  depths = list(s.trunk_layers)
+  convs = sum(spec.kind == "conv" for spec in models.model_table(config.model, int(config.data.num_classes)))
+  _require(bool(depths) and len(set(depths)) == len(depths), "study.trunk_layers",
+           f"needs distinct depths, got {tuple(depths)}")
+  for d in depths:
+    _require(1 <= d <= convs, "study.trunk_layers", f"{d} is not in [1, {convs}] ({config.model.arch} conv layers)")
+  evaluated = {str(degradations.parse(x)) for name in config.evaluate.sweeps for x in config.sweeps[name]}
+  for field in ("specs", "clean", "degraded"):
+    for spec in ((s[field],) if isinstance(s[field], str) else s[field]):
+      _require(str(degradations.parse(spec)) in evaluated, f"study.{field}",
+               f"{spec!r} is in no sweep of config.evaluate.sweeps {list(config.evaluate.sweeps)}; add it to one")
+  for field in ("accuracy_methods", "change_methods"):
+    for m in s[field]:
+      _require(m in TABLE_METHODS, f"study.{field}", f"{m!r} is not one of {list(TABLE_METHODS)}")
+      _require(m in config.evaluate.methods, f"study.{field}", f"{m!r} is not in config.evaluate.methods")
+  _require("baseline" in config.evaluate.methods, "evaluate.methods", "the % change needs 'baseline'")
+  _require(len(config.bins) >= 2, "bins", "the study trains a branch per bin after the first; give >= 2 bins")
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise config_lib.ConfigError(f"config.{field}: {message}")
+
+
+def depth_config(config: ml_collections.ConfigDict, trunk_layers: int) -> ml_collections.ConfigDict:
+  """The study config with the trunk cut at `trunk_layers`: nothing else differs between depths."""
+  c = config.copy_and_resolve_references()
+  c.model.trunk_layers = int(trunk_layers)
+  return c
+
+
+def _link(path: pathlib.Path, target: pathlib.Path) -> None:
+  """A relative symlink path -> target, made once (the workdir can move as a whole)."""
+  if path.is_symlink():
+    return
+  if path.exists():
+    raise FileExistsError(f"{path} exists and is not a link to {target}: the study shares W's data and master; "
+                          f"remove {path} or give a fresh workdir")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.symlink_to(os.path.relpath(target, path.parent), target_is_directory=True)
+
+
+def prepare_depth(config: ml_collections.ConfigDict, workdir: pathlib.Path, trunk_layers: int) -> pathlib.Path:
+  """W/depth-<d>/ sharing W's data, master and (re-split) baseline; returns it."""
+  sub = depth_dir(workdir, trunk_layers)
+  cfg = depth_config(config, trunk_layers)
+  if jax.process_index() == 0:
+    _link(sub / "data", workdir / "data")
+    _link(sub / "train" / "master", workdir / "train" / "master")
+    (sub / "config.json").write_text(config_lib.to_json(cfg) + "\n")  # `msnet evaluate --workdir=W/depth-d` works
+  stages.share_baseline(workdir, sub, cfg)  # every process waits for its DONE.json
+  return sub
+
+
+def branch_cost(config: ml_collections.ConfigDict, workdir: pathlib.Path, trunk_layers: int) -> dict[str, Any]:
+  """What one more branch costs at this depth: its FLOPs per image, that as % of the baseline's, its params."""
+  cfg = depth_config(config, trunk_layers)
+  params = stages.load_baseline(workdir, cfg)
+  model = models.build_slave(cfg.model, int(cfg.data.num_classes), 1)
+  rows = models.layer_flops(model, params, int(cfg.data.image_size))
+  branch_flops = sum(r["flops"] for r in rows if r["layer"] in params["branches"])
+  total = sum(r["flops"] for r in rows)
+  return dict(first_branch_layer=next(r["layer"] for r in rows if r["layer"] in params["branches"]),
+              branch_mflops=branch_flops / 1e6, branch_flops_pct=100.0 * branch_flops / total,
+              branch_params=int(sum(np.size(x) for x in jax.tree.leaves(params["branches"]))))
+
+
+def depth_row(config: ml_collections.ConfigDict, workdir: pathlib.Path, trunk_layers: int) -> dict[str, Any]:
+  """One table row: accuracies (%) at study.specs, % change of study.change_methods, the branch's cost."""
+  s = config.study
+  results = json.loads((depth_dir(workdir, trunk_layers) / "eval" / "results.json").read_text())
+  idx = tables.index(results["rows"])
+
+  def acc(method: str, spec: str) -> float:
+    row = idx.get((method, str(degradations.parse(spec))))
+    return math.nan if row is None or row["top1"] is None else 100.0 * row["top1"]
+
+  row: dict[str, Any] = dict(trunk_layers=trunk_layers, **branch_cost(config, workdir, trunk_layers))
+  for m in s.accuracy_methods:
+    row.update({f"{m} {spec}": acc(m, spec) for spec in s.specs})
+  c, d = acc("baseline", s.clean), acc("baseline", s.degraded)
+  for m in s.change_methods:
+    row[f"{m} pct_change_point"] = tables.pct_change(c, d, acc(m, s.degraded))
+  return row
+
+
+def columns(config: ml_collections.ConfigDict) -> list[str]:
+  s = config.study
+  return (["trunk_layers", "first_branch_layer", "branch_mflops", "branch_flops_pct", "branch_params"]
+          + [f"{m} {spec}" for m in s.accuracy_methods for spec in s.specs]
+          + [f"{m} pct_change_point" for m in s.change_methods])
+
+
+def depth_figure(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+  """Accuracy, % change and one branch's cost against trunk_layers, side by side."""
+  s = config.study
+  depths = [r["trunk_layers"] for r in rows]
+  fig = Figure(figsize=(15, 4.2))
+  ax = fig.add_subplot(1, 3, 1)
+  for i, spec in enumerate(s.specs):
+    for m in s.accuracy_methods:
+      ax.plot(depths, [r[f"{m} {spec}"] for r in rows], color=f"C{i}", marker="o",
+              linestyle="--" if m == "baseline" else "-", label=f"{m} {spec}")
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.legend(fontsize=7)
+  ax = fig.add_subplot(1, 3, 2)
+  for m in s.change_methods:
+    ax.plot(depths, [r[f"{m} pct_change_point"] for r in rows], marker="o", label=m)
+  ax.axhline(0.0, color="grey", linewidth=0.8)
+  ax.set_ylabel(f"% change at {s.degraded} (point estimate)")
+  ax.legend()
+  ax = fig.add_subplot(1, 3, 3)
+  ax.plot(depths, [r["branch_mflops"] for r in rows], color="C0", marker="o")
+  ax.set_ylabel("MFLOP per image of one more branch", color="C0")
+  twin = ax.twinx()
+  twin.plot(depths, [r["branch_params"] / 1e6 for r in rows], color="C1", marker="s")
+  twin.set_ylabel("M params per branch", color="C1")
+  for a in fig.axes:
+    a.set_xticks(depths)
+    a.set_xlabel("model.trunk_layers (conv layers in the shared trunk)")
+    a.grid(alpha=0.3)
+  fig.suptitle("Where the trunk ends: robustness against the cost of a branch")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def write_outputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+  """W/study/depth.csv, depth.png and depth.md from the depths' result files; returns depth.md's path."""
+  s = config.study
+  rows = [depth_row(config, workdir, d) for d in sorted(s.trunk_layers)]
+  out = workdir / "study"
+  out.mkdir(parents=True, exist_ok=True)
+  header = columns(config)
+  sections.write_csv(out / "depth.csv", header, rows)
+  depth_figure(config, rows, out / "depth.png")
+  base_depth = json.loads((workdir / "train" / "baseline" / "DONE.json").read_text())
+  lines = [
+      "# Trunk-depth study", "",
+      f"One baseline ({config.model.arch}, {config.data.image_size}x{config.data.image_size}), trained once in "
+      f"`{workdir.name}/train/baseline` ({base_depth['steps']} steps), re-split at every depth without retraining; "
+      f"one master, trained once and shared by every depth (it does not depend on the trunk: same settings, same "
+      f"params). At each depth the branches ({', '.join(b.name for b in config.bins[1:])}) are fine-tuned from the "
+      f"baseline with the trunk frozen, {_duration(config.stages.branch)} each.", "",
+      f"Top-1 % on {config.data.max_eval_examples if config.data.max_eval_examples > 0 else 'all'} "
+      f"{config.data.eval_split} images. % change = (d' - d) / (c - d) with c, d the baseline's at "
+      f"{s.clean} / {s.degraded}; `pct_change_point` columns are point estimates (no confidence interval yet). "
+      f"branch_mflops / branch_params: what one more branch adds to the slave (FLOPs = 2 x MAC per image); "
+      f"branch_flops_pct: that as % of the baseline network.", "",
+      tables.markdown(header, [[r[h] for h in header] for r in rows]), "",
+      "![trunk depth](depth.png)", "",
+  ]
+  path = out / "depth.md"
+  path.write_text("\n".join(lines))
+  return path
+
+
+def _duration(stage: ml_collections.ConfigDict) -> str:
+  return f"{stage.steps} steps" if stage.steps > 0 else f"{stage.epochs:g} epochs"
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: Any) -> pathlib.Path:
+  """Degrade, baseline and master once in W; branches and evaluation per depth; the table and figure."""
+  check_study(config)
+  workdir = pathlib.Path(workdir)
+  pipeline.degrade(config, workdir)
+  pipeline.train(config, workdir, ["baseline", "master"])
+  branch_stages = [f"branch_{b.name}" for b in config.bins[1:]]
+  for d in config.study.trunk_layers:
+    cfg = depth_config(config, d)
+    sub = prepare_depth(config, workdir, d)
+    pipeline.train(cfg, sub, branch_stages)
+    pipeline.evaluate(cfg, sub)
+  path = workdir / "study" / "depth.md"
+  if jax.process_index() == 0:
+    path = write_outputs(config, workdir)
+    print(f"[msnet] study: {path}", flush=True)
+  return path

@@ -1,0 +1,132 @@
+"""`msnet study`: the trunk-depth study end to end on its runlocal config (2 depths, 2-step stages), checked
+against the models' own FLOP/param analysis; one baseline and one master for every depth; bad study fields
+refused before any work. (The re-split's logits test is tests/test_models.py.)"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msnet import config as config_lib, models, study
+from msnet.train import stages
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "depth_study.py"
+FAST = ("--config.train.eval_every_epoch=False", "--config.train.checkpoint_every_steps=100",
+        "--config.stages.baseline.steps=2", "--config.stages.master.steps=2", "--config.stages.branch.steps=2")
+
+
+def study_config(arg: str | None = "runlocal"):
+  spec = importlib.util.spec_from_file_location("depth_study", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def num_params(shapes) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+
+
+@pytest.fixture(scope="module")
+def studied(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("study") / "w"
+  result = subprocess.run([sys.executable, "-m", "msnet.cli", "study", f"--config={CONFIG}:runlocal",
+                           f"--workdir={workdir}", *FAST], capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_table_has_a_row_per_depth_and_the_cost_of_a_branch_from_the_models(studied):
+  c = study_config()
+  with (studied / "study" / "depth.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["trunk_layers"]) for r in rows] == sorted(c.study.trunk_layers) == [4, 10]
+  assert list(rows[0]) == study.columns(c)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.uint8)
+  for r in rows:
+    # One more branch, by the analysis of two whole slaves (K=2 minus K=1), not of a branch's layers.
+    cfg = study.depth_config(c, int(r["trunk_layers"]))
+    one, two = (models.build_slave(cfg.model, 10, k) for k in (1, 2))
+    p1, p2 = (jax.eval_shape(m.init, jax.random.key(0), x) for m in (one, two))
+    extra = models.flops_per_image(two, p2, 32) - models.flops_per_image(one, p1, 32)
+    assert float(r["branch_mflops"]) * 1e6 == pytest.approx(extra, rel=1e-9)
+    assert float(r["branch_flops_pct"]) == pytest.approx(100 * extra / models.flops_per_image(one, p1, 32))
+    assert int(r["branch_params"]) == num_params(p2) - num_params(p1)
+    assert r["first_branch_layer"] == {4: "conv3_1", 10: "conv5_1"}[int(r["trunk_layers"])]
+    for col in ("baseline clean", "ms jpeg:10", "ms jp2k:24"):
+      assert 0.0 <= float(r[col]) <= 100.0
+  shallow, deep = rows
+  assert float(shallow["branch_mflops"]) > float(deep["branch_mflops"])
+  assert int(shallow["branch_params"]) > int(deep["branch_params"])
+  md = (studied / "study" / "depth.md").read_text()
+  assert "| 4 | conv3_1 |" in md and "| 10 | conv5_1 |" in md
+  assert (studied / "study" / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_baseline_and_one_master_serve_every_depth(studied):
+  trained = sorted(str(p.relative_to(studied)) for p in studied.rglob("metrics.jsonl"))
+  assert trained == ["depth-10/train/branch_jp2k/metrics.jsonl", "depth-10/train/branch_jpeg/metrics.jsonl",
+                     "depth-4/train/branch_jp2k/metrics.jsonl", "depth-4/train/branch_jpeg/metrics.jsonl",
+                     "train/baseline/metrics.jsonl", "train/master/metrics.jsonl"]
+  ckpts = [p for p in studied.rglob("ckpt") if "baseline" in p.parts]
+  assert [p for p in ckpts if not p.is_symlink()] == [studied / "train" / "baseline" / "ckpt"]
+  for d in (4, 10):
+    sub = studied / f"depth-{d}"
+    assert (sub / "train" / "baseline" / "ckpt").resolve() == (studied / "train" / "baseline" / "ckpt").resolve()
+    assert (sub / "train" / "master").is_symlink() and (sub / "data").is_symlink()
+    done = json.loads((sub / "train" / "baseline" / "DONE.json").read_text())
+    assert done["trunk_layers"] == d and len(done["trunk"]) == d
+    # The shared baseline loads cut at d and is the trained one, relabelled.
+    cut, trained_params = stages.load_params(sub, "baseline"), stages.load_params(studied, "baseline")
+    assert sorted(cut["trunk"]) == sorted(n + s for n in done["trunk"] for s in ("", "_norm"))
+    np.testing.assert_array_equal(cut["branches"]["fc8"]["kernel"][0], trained_params["branches"]["fc8"]["kernel"][0])
+    # The branches were trained on that cut: their trunk is the shared baseline's trunk at d.
+    branch = stages.load_params(sub, "branch_jpeg")
+    assert sorted(branch["trunk"]) == sorted(cut["trunk"])
+    np.testing.assert_array_equal(branch["trunk"]["conv1_1"]["kernel"], cut["trunk"]["conv1_1"]["kernel"])
+    results = json.loads((sub / "eval" / "results.json").read_text())
+    assert set(results["meta"]["methods"]) == {"baseline", "branch_clean", "branch_jpeg", "branch_jp2k", "ms", "ams",
+                                               "oracle"}
+
+
+def test_a_workdir_with_its_own_baseline_is_not_overwritten(studied, tmp_path):
+  own = tmp_path / "train" / "baseline" / "ckpt"
+  own.mkdir(parents=True)
+  with pytest.raises(FileExistsError, match="holds a baseline trained in"):
+    stages.share_baseline(studied, tmp_path, study_config())
+  with pytest.raises(FileNotFoundError, match="no baseline to share"):
+    stages.share_baseline(tmp_path / "empty", tmp_path / "other", study_config())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("study.trunk_layers", (4, 14), "config.study.trunk_layers: 14 is not in"),
+    ("study.trunk_layers", (4, 4), "config.study.trunk_layers: needs distinct depths"),
+    ("study.specs", ("clean", "jpeg:30"), "config.study.specs: 'jpeg:30' is in no sweep"),
+    ("study.degraded", "jpeg:5", "config.study.degraded: 'jpeg:5' is in no sweep"),
+    ("study.change_methods", ("map",), "config.study.change_methods: 'map' is not one of"),
+])
+def test_bad_study_fields_are_refused_naming_the_field(field, value, message):
+  c = study_config()
+  section, key = field.split(".")
+  c[section][key] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    study.check_study(c)
+  study.check_study(study_config(None))  # the full study is valid
+
+
+def test_cli_refuses_a_config_without_a_study_section(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "msnet.cli", "study",
+                           f"--config={ROOT / 'configs' / 'demo.py'}:runlocal", f"--workdir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode != 0
+  assert "config.study: missing" in result.stderr
+  assert not (tmp_path / "data").exists()  # refused before degrading anything
