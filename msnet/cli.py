@@ -94,8 +94,14 @@ class _LibraryLogs:
     logging.root.addHandler(self._file)
 
   def write_traceback(self) -> None:
-    """The exception being handled, with its traceback, into the file only: the terminal shows it once."""
-    if self._file is None:  # failed before joining the job: the launcher's process id names the file
+    """The exception being handled, with its traceback, into the file only: the terminal shows it once.
+
+    A command that fails before joining the job names the file by the launcher's process id; one refused
+    before any work (a bad config) leaves a workdir that does not exist yet uncreated, and unlogged.
+    """
+    if self._file is None:
+      if not self._directory.parent.exists():
+        return
       self.open(os.environ.get("MSNET_PROCESS_ID", "0"))
     _LOG.exception("msnet %s failed", self._command)
 
