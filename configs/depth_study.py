@@ -44,6 +44,8 @@ def get_config(arg: str | None = None):
       change_methods=("oracle", "ms", "ams"),          # methods whose % change the table shows
       clean="clean",                     # the % change's c: the baseline's accuracy on this spec ...
       degraded="jpeg:10",                # ... and d, on this one (the paper's Table 1: JPEG quality 10)
+      resamples=2000,                    # bootstrap resamples of the test images for the % change intervals
+      level=0.95,                        # confidence level of those intervals
   ))
   if args.get("runlocal"):
     c.study.trunk_layers = (4, 10)

@@ -27,8 +27,8 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from msnet import config as config_lib, degradations, models, pipeline
-from msnet.report import sections, tables
+from msnet import config as config_lib, degradations, errors, models, pipeline
+from msnet.report import sections, stats, tables
 from msnet.train import stages
 
 TABLE_METHODS = ("baseline", "ms", "ams", "oracle")  # what the table can show: the K=1 network and the rules
@@ -80,8 +80,8 @@ def _link(path: pathlib.Path, target: pathlib.Path) -> None:
   if path.is_symlink():
     return
   if path.exists():
-    raise FileExistsError(f"{path} exists and is not a link to {target}: the study shares W's data and master; "
-                          f"remove {path} or give a fresh workdir")
+    raise errors.InvalidInputError(f"{path} exists and is not a link to {target}: the study shares W's data and "
+                                   f"master; remove {path} or give a fresh workdir")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.symlink_to(os.path.relpath(target, path.parent), target_is_directory=True)
 
@@ -106,9 +106,14 @@ def branch_cost(config: ml_collections.ConfigDict, workdir: pathlib.Path, trunk_
   rows = models.layer_flops(model, params, int(cfg.data.image_size))
   branch_flops = sum(r["flops"] for r in rows if r["layer"] in params["branches"])
   total = sum(r["flops"] for r in rows)
+  branch_params = _num_params(params["branches"])
   return dict(first_branch_layer=next(r["layer"] for r in rows if r["layer"] in params["branches"]),
               branch_mflops=branch_flops / 1e6, branch_flops_pct=100.0 * branch_flops / total,
-              branch_params=int(sum(np.size(x) for x in jax.tree.leaves(params["branches"]))))
+              branch_params=branch_params, branch_params_pct=100.0 * branch_params / _num_params(params))
+
+
+def _num_params(tree: Any) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 def depth_row(config: ml_collections.ConfigDict, workdir: pathlib.Path, trunk_layers: int) -> dict[str, Any]:
@@ -121,20 +126,27 @@ def depth_row(config: ml_collections.ConfigDict, workdir: pathlib.Path, trunk_la
     row = idx.get((method, str(degradations.parse(spec))))
     return math.nan if row is None or row["top1"] is None else 100.0 * row["top1"]
 
-  row: dict[str, Any] = dict(trunk_layers=trunk_layers, **branch_cost(config, workdir, trunk_layers))
+  row: dict[str, Any] = dict(trunk_layers=trunk_layers, **branch_cost(config, workdir, trunk_layers),
+                             n=idx[("baseline", str(degradations.parse(s.clean)))]["n"])
   for m in s.accuracy_methods:
     row.update({f"{m} {spec}": acc(m, spec) for spec in s.specs})
-  c, d = acc("baseline", s.clean), acc("baseline", s.degraded)
+  correct = stats.load_correct(depth_dir(workdir, trunk_layers) / "eval")
   for m in s.change_methods:
-    row[f"{m} pct_change_point"] = tables.pct_change(c, d, acc(m, s.degraded))
+    ci = stats.pct_change_ci(correct, m, clean=str(degradations.parse(s.clean)),
+                             degraded=str(degradations.parse(s.degraded)), resamples=int(s.resamples),
+                             seed=int(config.seed), level=float(s.level))
+    # An interval end the resamples leave unbounded (the baseline not degrading in some) is left blank.
+    row.update({f"{m} pct_change{suffix}": float(ci[key]) if math.isfinite(ci[key]) else math.nan
+                for key, suffix in (("point", ""), ("lo", "_lo"), ("hi", "_hi"))})
   return row
 
 
 def columns(config: ml_collections.ConfigDict) -> list[str]:
   s = config.study
-  return (["trunk_layers", "first_branch_layer", "branch_mflops", "branch_flops_pct", "branch_params"]
+  return (["trunk_layers", "first_branch_layer", "branch_mflops", "branch_flops_pct", "branch_params",
+           "branch_params_pct"]
           + [f"{m} {spec}" for m in s.accuracy_methods for spec in s.specs]
-          + [f"{m} pct_change_point" for m in s.change_methods])
+          + [f"{m} pct_change{suffix}" for m in s.change_methods for suffix in ("", "_lo", "_hi")])
 
 
 def depth_figure(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], path: pathlib.Path) -> None:
@@ -150,17 +162,19 @@ def depth_figure(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], 
   ax.set_ylabel("top-1 accuracy (%)")
   ax.legend(fontsize=7)
   ax = fig.add_subplot(1, 3, 2)
-  for m in s.change_methods:
-    ax.plot(depths, [r[f"{m} pct_change_point"] for r in rows], marker="o", label=m)
+  for i, m in enumerate(s.change_methods):
+    point = np.array([r[f"{m} pct_change"] for r in rows])
+    err = np.abs(np.array([[r[f"{m} pct_change_lo"] for r in rows], [r[f"{m} pct_change_hi"] for r in rows]]) - point)
+    shift = 0.08 * (i - (len(s.change_methods) - 1) / 2)  # side by side, so the intervals do not overlap
+    ax.errorbar(np.array(depths) + shift, point, yerr=np.nan_to_num(err), marker="o", capsize=3, label=m)
   ax.axhline(0.0, color="grey", linewidth=0.8)
-  ax.set_ylabel(f"% change at {s.degraded} (point estimate)")
+  ax.set_ylabel(f"% change at {s.degraded}, {100 * s.level:g}% CI")
   ax.legend()
   ax = fig.add_subplot(1, 3, 3)
-  ax.plot(depths, [r["branch_mflops"] for r in rows], color="C0", marker="o")
-  ax.set_ylabel("MFLOP per image of one more branch", color="C0")
-  twin = ax.twinx()
-  twin.plot(depths, [r["branch_params"] / 1e6 for r in rows], color="C1", marker="s")
-  twin.set_ylabel("M params per branch", color="C1")
+  ax.plot(depths, [r["branch_flops_pct"] for r in rows], marker="o", label="FLOPs per image")
+  ax.plot(depths, [r["branch_params_pct"] for r in rows], marker="s", label="params")
+  ax.set_ylabel("one more branch, % of the baseline network")
+  ax.legend()
   for a in fig.axes:
     a.set_xticks(depths)
     a.set_xlabel("model.trunk_layers (conv layers in the shared trunk)")
@@ -187,17 +201,27 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
       f"one master, trained once and shared by every depth (it does not depend on the trunk: same settings, same "
       f"params). At each depth the branches ({', '.join(b.name for b in config.bins[1:])}) are fine-tuned from the "
       f"baseline with the trunk frozen, {_duration(config.stages.branch)} each.", "",
-      f"Top-1 % on {config.data.max_eval_examples if config.data.max_eval_examples > 0 else 'all'} "
-      f"{config.data.eval_split} images. % change = (d' - d) / (c - d) with c, d the baseline's at "
-      f"{s.clean} / {s.degraded}; `pct_change_point` columns are point estimates (no confidence interval yet). "
-      f"branch_mflops / branch_params: what one more branch adds to the slave (FLOPs = 2 x MAC per image); "
-      f"branch_flops_pct: that as % of the baseline network.", "",
-      tables.markdown(header, [[r[h] for h in header] for r in rows]), "",
+      f"Top-1 % on {rows[0]['n']} {config.data.eval_split} images. % change = 100 (d' - d) / (c - d) with c, d "
+      f"the baseline's at {s.clean} / {s.degraded} and d' the method's at {s.degraded}, with its "
+      f"{100 * s.level:g}% paired bootstrap interval over the test images ({s.resamples} resamples, "
+      f"msnet.report.stats; '-' where the baseline does not degrade). branch_mflops / branch_params: what one "
+      f"more branch adds to the slave (FLOPs = 2 x MAC per image); branch_flops_pct / branch_params_pct: those as % of "
+      f"the baseline network's. Every number is in depth.csv.", "",
+      _markdown_table(config, rows), "",
       "![trunk depth](depth.png)", "",
   ]
   path = out / "depth.md"
   path.write_text("\n".join(lines))
   return path
+
+
+def _markdown_table(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> str:
+  """depth.csv's columns, each % change with its interval in one cell: "12.3 [4.1, 20.2]"."""
+  changes = [f"{m} pct_change" for m in config.study.change_methods]
+  plain = [h for h in columns(config) if not h.startswith(tuple(changes))]
+  body = [[r[h] for h in plain] + [f"{tables.fmt(r[c])} [{tables.fmt(r[c + '_lo'])}, {tables.fmt(r[c + '_hi'])}]"
+                                   for c in changes] for r in rows]
+  return tables.markdown(plain + [f"{c.split()[0]} % change [CI]" for c in changes], body)
 
 
 def _duration(stage: ml_collections.ConfigDict) -> str:

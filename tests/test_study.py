@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msnet import config as config_lib, models, study
+from msnet import config as config_lib, errors, models, study
 from msnet.train import stages
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -61,9 +61,26 @@ def test_table_has_a_row_per_depth_and_the_cost_of_a_branch_from_the_models(stud
     assert float(r["branch_mflops"]) * 1e6 == pytest.approx(extra, rel=1e-9)
     assert float(r["branch_flops_pct"]) == pytest.approx(100 * extra / models.flops_per_image(one, p1, 32))
     assert int(r["branch_params"]) == num_params(p2) - num_params(p1)
+    assert float(r["branch_params_pct"]) == pytest.approx(100 * (num_params(p2) - num_params(p1)) / num_params(p1))
     assert r["first_branch_layer"] == {4: "conv3_1", 10: "conv5_1"}[int(r["trunk_layers"])]
+    # Accuracies and % change from the depth's own results.json counts; the interval brackets its point.
+    res = {(x["method"], x["spec"]): x for x in json.loads((studied / f"depth-{r['trunk_layers']}" / "eval" /
+                                                           "results.json").read_text())["rows"]}
+
+    def top1(m, spec):
+      return 100.0 * res[(m, spec)]["correct1"] / res[(m, spec)]["n"]
+
     for col in ("baseline clean", "ms jpeg:10", "ms jp2k:24"):
-      assert 0.0 <= float(r[col]) <= 100.0
+      assert float(r[col]) == pytest.approx(top1(*col.split()))
+    base_c, base_d = top1("baseline", "clean"), top1("baseline", "jpeg:10")
+    for m in ("oracle", "ms", "ams"):
+      point, lo, hi = (r[f"{m} pct_change{x}"] for x in ("", "_lo", "_hi"))
+      if base_c > base_d:
+        assert float(point) == pytest.approx(100 * (top1(m, "jpeg:10") - base_d) / (base_c - base_d))
+      else:  # the baseline does not degrade: no loss to recover, no % change
+        assert point == ""
+      if lo and hi:
+        assert float(lo) <= float(point) <= float(hi)
   shallow, deep = rows
   assert float(shallow["branch_mflops"]) > float(deep["branch_mflops"])
   assert int(shallow["branch_params"]) > int(deep["branch_params"])
@@ -101,9 +118,9 @@ def test_one_baseline_and_one_master_serve_every_depth(studied):
 def test_a_workdir_with_its_own_baseline_is_not_overwritten(studied, tmp_path):
   own = tmp_path / "train" / "baseline" / "ckpt"
   own.mkdir(parents=True)
-  with pytest.raises(FileExistsError, match="holds a baseline trained in"):
+  with pytest.raises(errors.InvalidInputError, match="holds a baseline trained in"):
     stages.share_baseline(studied, tmp_path, study_config())
-  with pytest.raises(FileNotFoundError, match="no baseline to share"):
+  with pytest.raises(errors.MissingInputError, match="no baseline to share"):
     stages.share_baseline(tmp_path / "empty", tmp_path / "other", study_config())
 
 

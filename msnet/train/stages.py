@@ -90,13 +90,13 @@ def share_baseline(source: Any, workdir: Any, config: ml_collections.ConfigDict)
   src = pathlib.Path(os.fspath(loop.stage_dir(source, "baseline")))
   done = loop.read_done(source, "baseline")
   if done is None:
-    raise FileNotFoundError(f"no baseline to share: {src / loop.DONE} is missing; train it first "
-                            f"(msnet train --stage=baseline --workdir={source})")
+    raise errors.MissingInputError(f"no baseline to share: {src / loop.DONE} is missing; train it first "
+                                   f"(msnet train --stage=baseline --workdir={source})")
   dst = pathlib.Path(os.fspath(loop.stage_dir(workdir, "baseline")))
   link = dst / loop.CKPT
   if link.exists() and not link.is_symlink():
-    raise FileExistsError(f"{link} holds a baseline trained in {workdir}; share_baseline would hide it: give "
-                          "a fresh workdir")
+    raise errors.InvalidInputError(f"{link} holds a baseline trained in {workdir}; sharing another would hide "
+                                   "it: give a fresh workdir")
   table = models.model_table(config.model, int(config.data.num_classes))
   if jax.process_index() == 0:
     dst.mkdir(parents=True, exist_ok=True)
