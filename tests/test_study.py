@@ -106,6 +106,10 @@ def test_one_baseline_and_one_master_serve_every_depth(studied):
     cut, trained_params = stages.load_params(sub, "baseline"), stages.load_params(studied, "baseline")
     assert sorted(cut["trunk"]) == sorted(n + s for n in done["trunk"] for s in ("", "_norm"))
     np.testing.assert_array_equal(cut["branches"]["fc8"]["kernel"][0], trained_params["branches"]["fc8"]["kernel"][0])
+    # In W itself, the stages that start from the baseline load it cut at the config's depth, the same way.
+    in_place = stages.load_baseline(studied, study.depth_config(study_config(), d))
+    assert jax.tree.structure(in_place) == jax.tree.structure(cut)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(in_place), jax.tree.leaves(cut)))
     # The branches were trained on that cut: their trunk is the shared baseline's trunk at d.
     branch = stages.load_params(sub, "branch_jpeg")
     assert sorted(branch["trunk"]) == sorted(cut["trunk"])
