@@ -197,7 +197,8 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
   if stage in DA_TRAINABLE:
     s = config.stages[stage]
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or every_bin,
-                    init_params=_from_baseline(workdir, stage, config), trainable=DA_TRAINABLE[stage], eval_specs=clean)
+                    init_params=_from_baseline(workdir, stage, config), trainable=DA_TRAINABLE[stage],
+                    eval_specs=clean)
   if stage == "alexnet_baseline":
     alexnet = models.build_slave(config_lib.alexnet_model(config), int(config.data.num_classes), 1)
     s = config.stages.alexnet_baseline
