@@ -71,14 +71,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Quality bins: the master's labels and the branches' training data. `match` rules say which specs
   # belong to a bin (by their last codec and its level: JPEG quality, JPEG 2000 ratio); bin 0 takes
-  # every spec no other bin matches (clean, mild compression, noise, blur). The paper's JPEG 2000
-  # "quality 10 to 2" is read as compression ratios of about 100:1 and stronger (GraphicsMagick/JasPer's
-  # quality scale maps Q=2..10 to ~110-130:1) at ImageNet size; see `cifar_jp2k()` for 32x32 images.
+  # every spec no other bin matches (clean, mild compression, noise, blur). Each codec's bin reaches the
+  # strong end of its scale, beyond its training specs: JPEG quality 1-20 for a branch trained on 5-20,
+  # JPEG 2000 from 80:1 upward (`inf`), so `jpeg:2` is a JPEG input for the oracle and the bitstream
+  # rule, not a clean one. Rules of two bins may not overlap. The paper's JPEG 2000 "quality 10 to 2"
+  # is read as compression ratios of about 100:1 and stronger (GraphicsMagick/JasPer's quality scale
+  # maps Q=2..10 to ~110-130:1) at ImageNet size; see `cifar_jp2k()` for 32x32 images.
   c.bins = [
       ml_collections.ConfigDict(dict(name="clean", match=(), train_specs=("clean",))),
-      ml_collections.ConfigDict(dict(name="jpeg", match=("jpeg:5-20",),
+      ml_collections.ConfigDict(dict(name="jpeg", match=("jpeg:1-20",),
                                      train_specs=("jpeg:5", "jpeg:10", "jpeg:15", "jpeg:20"))),
-      ml_collections.ConfigDict(dict(name="jp2k", match=("jp2k:80-400",),
+      ml_collections.ConfigDict(dict(name="jp2k", match=("jp2k:80-inf",),
                                      train_specs=("jp2k:100", "jp2k:150", "jp2k:200", "jp2k:300"))),
   ]
 
@@ -146,8 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.evaluate = ml_collections.ConfigDict(dict(
       global_batch=256,          # examples per evaluation step over all devices and processes
-      methods=("baseline", "branches", "ms", "ams", "map", "oracle", "bitstream",
-               "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline"),
+      # "comparisons" stands for the methods in config.comparisons (see `evaluated_methods`); list
+      # comparison methods by name instead to evaluate others.
+      methods=("baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "comparisons"),
       sweeps=("clean", "jpeg", "jp2k", "noise", "blur",
               "noise_jpeg", "noise_jp2k", "blur_jpeg", "blur_jp2k"),
   ))
@@ -163,10 +167,10 @@ def cifar_jp2k(c: ml_collections.ConfigDict) -> None:
   A 32x32x3 image has 3,072 bytes; the smallest J2K codestream OpenJPEG writes for it is 110-130 bytes, so
   ratios above ~25:1 cannot be reached and would all return that smallest encode. The "strong JPEG 2000"
   bin at CIFAR size is therefore the strongest reachable band, 12:1-24:1 (PSNR ~20-24 dB, comparable to
-  the blocky regime of JPEG 5-20 at this size).
+  the blocky regime of JPEG 5-20 at this size), matching every ratio from 12:1 up.
   """
   jp2k_bin = [b for b in c.bins if b.name == "jp2k"][0]
-  jp2k_bin.match = ("jp2k:12-400",)
+  jp2k_bin.match = ("jp2k:12-inf",)
   jp2k_bin.train_specs = ("jp2k:12", "jp2k:16", "jp2k:20", "jp2k:24")
   c.sweeps.jp2k = tuple(f"jp2k:{r}" for r in (2, 4, 6, 8, 10, 12, 16, 20, 24))
   c.sweeps.noise_jp2k = tuple(f"noise:10+jp2k:{r}" for r in (4, 8, 12, 16, 24))
@@ -184,6 +188,20 @@ def alexnet_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.trunk_layers = 5
   m.pretrained = ""
   return m
+
+
+def evaluated_methods(c: ml_collections.ConfigDict) -> list[str]:
+  """config.evaluate.methods with "comparisons" replaced by config.comparisons, each method once, in order.
+
+  A config that trains fewer comparison methods evaluates fewer, instead of warning that their stages
+  are missing; naming a method explicitly still evaluates it.
+  """
+  methods: list[str] = []
+  for m in c.evaluate.methods:
+    for name in (c.comparisons if m == "comparisons" else (m,)):
+      if name not in methods:
+        methods.append(name)
+  return methods
 
 
 def parse_arg(arg: str | None) -> dict[str, Any]:
@@ -259,13 +277,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
         degradations.parse_bin_rule(rule)
       except ValueError as e:
         raise ConfigError(f"config.bins[{i}].match: {e}") from None
+  rules = [list(b.match) for b in c.bins]
+  try:
+    degradations.bins.check_disjoint(rules)
+  except ValueError as e:
+    raise ConfigError(f"config.bins: {e}") from None
+  for i, b in enumerate(c.bins):
+    for s in b.train_specs:
+      got = degradations.bin_of(s, rules)
+      _check(got == i, f"bins[{i}].train_specs", f"{s!r} falls in bin {got} ({names[got]!r}) by the match rules, "
+             f"not in bin {i} ({b.name!r}): widen bins[{i}].match or move the spec")
   for name, specs in c.sweeps.items():
     _check(len(specs) >= 1, f"sweeps.{name}", "is empty")
     for s in specs:
       _spec_ok(degradations, s, f"sweeps.{name}")
   for name in c.evaluate.sweeps:
     _check(name in c.sweeps, "evaluate.sweeps", f"{name!r} is not a sweep in config.sweeps {list(c.sweeps)}")
-  known_methods = {"baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", *COMPARISON_STAGES}
+  known_methods = {"baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "comparisons",
+                   *COMPARISON_STAGES}
   for m in c.evaluate.methods:
     _check(m in known_methods, "evaluate.methods", f"{m!r} is not one of {sorted(known_methods)}")
   for m in c.comparisons:

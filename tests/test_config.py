@@ -1,12 +1,14 @@
 """Configs are the interface: every config file builds, runlocal shrinks, and bad fields are refused early."""
 
+import math
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 
-from msnet import config as config_lib
+from msnet import config as config_lib, degradations
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -116,3 +118,94 @@ def test_cli_degrade_split_over_two_machines_then_merge(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads(manifest.read_text()) == merged_by_last_part
   assert merged_by_last_part["num_parts"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- quality bins
+
+SCALE_STRONG_END = {"jpeg": 1.0, "jp2k": math.inf}  # JPEG quality 1 is the strongest; JPEG 2000 ratios grow
+
+
+def _expected_bin(spec: str, bins) -> int:
+  """The bin of a spec, computed apart from msnet.degradations: its last codec's kind and level against each
+  bin's range taken from the mild end of its rule (as written) to the strong end of the codec's scale."""
+  codecs = [op.split(":") for op in spec.split("+") if op.split(":")[0] in ("jpeg", "jp2k", "jp2k_psnr")]
+  if not codecs or codecs[-1][0] == "jp2k_psnr":
+    return 0
+  kind, level = codecs[-1][0], float(codecs[-1][1].split("@")[0])
+  for i, b in enumerate(bins):
+    for rule in b.match:
+      rule_kind, lo, hi = re.fullmatch(r"(\w+):([\d.]+)-([\d.]+|inf)", rule).groups()
+      mild_end = float(hi) if rule_kind == "jpeg" else float(lo)
+      if rule_kind == kind and (level <= mild_end if kind == "jpeg" else level >= mild_end):
+        return i
+  return 0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_every_sweep_spec_falls_in_its_codecs_bin_up_to_the_scale_end(path, arg):
+  """No spec stronger than a bin's training range falls back to the clean bin (issue 11.4)."""
+  c = _load(path, arg)
+  rules = [list(b.match) for b in c.bins]
+  specs = [s for sweep in c.sweeps.values() for s in sweep]
+  assert any(s.startswith("jpeg:") for s in specs) and any(s.startswith("jp2k:") for s in specs)
+  for spec in specs:
+    assert degradations.bin_of(spec, rules) == _expected_bin(spec, c.bins), spec
+  codec_bin = {kind: [i for i, b in enumerate(c.bins) if any(r.startswith(kind + ":") for r in b.match)]
+               for kind in ("jpeg", "jp2k")}
+  assert codec_bin == {"jpeg": [1], "jp2k": [2]}
+  for spec, kind in (("jpeg:1", "jpeg"), ("jpeg:2", "jpeg"), ("jp2k:1000", "jp2k")):
+    assert [degradations.bin_of(spec, rules)] == codec_bin[kind] == [_expected_bin(spec, c.bins)], spec
+  full = _load(path, None)  # runlocal keeps one training spec per bin; the full list is the training range
+  for i, b in enumerate(full.bins):
+    assert all(_expected_bin(s, full.bins) == i for s in b.train_specs), b.train_specs
+
+
+@pytest.mark.parametrize("match,message", [
+    ((("jpeg:1-40",), ("jpeg:1-20",)), "'jpeg:1-20' of bin 2 overlaps 'jpeg:1-40' of bin 1"),
+    ((("jpeg:1-20",), ("jp2k:80-inf", "jpeg:20-30")), "'jpeg:20-30' of bin 2 overlaps 'jpeg:1-20'"),
+    ((("jpeg:1-20",), ("jp2k:12-30", "jp2k:31-inf")), None),  # one bin may hold several ranges of a codec
+    ((("jp2k:12-inf",), ("jp2k:1000-2000",)), "'jp2k:1000-2000' of bin 2 overlaps 'jp2k:12-inf' of bin 1"),
+])
+def test_overlapping_bins_of_one_codec_are_refused(match, message):
+  c = _load(ROOT / "configs" / "demo.py", None)
+  c.bins[1].match, c.bins[2].match = match
+  c.bins[1].train_specs, c.bins[2].train_specs = ("jpeg:10",), ("jp2k:40",)
+  if message is None:
+    config_lib.validate(c)
+    return
+  with pytest.raises(config_lib.ConfigError, match=re.escape("config.bins: bin rule " + message)):
+    config_lib.validate(c)
+
+
+def test_training_spec_outside_its_bin_is_refused():
+  c = _load(ROOT / "configs" / "demo.py", None)
+  c.bins[1].train_specs = ("jpeg:10", "jpeg:30")
+  with pytest.raises(config_lib.ConfigError, match=r"config.bins\[1\].train_specs: 'jpeg:30' falls in bin 0"):
+    config_lib.validate(c)
+
+
+def test_bad_bin_rule_is_refused():
+  c = _load(ROOT / "configs" / "demo.py", None)
+  c.bins[2].match = ("jp2k:12-infinity",)
+  with pytest.raises(config_lib.ConfigError, match=r"config.bins\[2\].match: bad bin rule 'jp2k:12-infinity'"):
+    config_lib.validate(c)
+
+
+# ------------------------------------------------------------------------------------- evaluated methods
+
+def test_evaluated_methods_follow_comparisons_unless_named():
+  c = _load(ROOT / "configs" / "imagenet_vgg16.py", None)
+  assert "alexnet_baseline" not in c.comparisons
+  assert config_lib.evaluated_methods(c) == ["baseline", "branches", "ms", "ams", "map", "oracle", "bitstream",
+                                             *c.comparisons]
+  c.comparisons = ("stability",)
+  assert config_lib.evaluated_methods(c)[-2:] == ["bitstream", "stability"]
+  c.evaluate.methods = ("baseline", "alexnet_baseline", "comparisons", "baseline")  # explicit names still count
+  assert config_lib.evaluated_methods(c) == ["baseline", "alexnet_baseline", "stability"]
+  c.comparisons = ()
+  c.evaluate.methods = ("comparisons",)
+  assert config_lib.evaluated_methods(c) == []
+  c.evaluate.methods = ("baseline", "comparison")
+  with pytest.raises(config_lib.ConfigError, match="config.evaluate.methods: 'comparison' is not one of"):
+    config_lib.validate(c)

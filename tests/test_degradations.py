@@ -23,7 +23,7 @@ from msnet.degradations import codecs, openjpeg
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _CIFAR_TEST = [_REPO / "msnet/data/embedded/cifar10/test.tar.gz", _REPO.parent / "shared/data/cifar10/test.tar.gz"]
-DEFAULT_BINS = [[], ["jpeg:5-20"], ["jp2k:80-400"]]
+DEFAULT_BINS = [[], ["jpeg:1-20"], ["jp2k:80-inf"]]  # base_config()'s bins
 
 
 @functools.cache
@@ -449,14 +449,17 @@ def test_composition_order_and_manual_chains():
 def test_parse_bin_rule():
   assert D.parse_bin_rule("jpeg:5-20") == D.BinRule("jpeg", 5, 20)
   assert D.parse_bin_rule("jp2k:80-400.5") == D.BinRule("jp2k", 80, 400.5)
-  for bad in ("jpeg:5", "jpeg:20-5", "png:1-5", "jpeg5-20", "jpeg:a-b", "", "jpeg:-5-20"):
+  assert D.parse_bin_rule("jp2k:80-inf") == D.BinRule("jp2k", 80, math.inf)
+  for bad in ("jpeg:5", "jpeg:20-5", "png:1-5", "jpeg5-20", "jpeg:a-b", "", "jpeg:-5-20", "jp2k:inf-80",
+              "jp2k:80-"):
     with pytest.raises(ValueError, match="bin rule"):
       D.parse_bin_rule(bad)
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("clean", 0), ("jpeg:10", 1), ("jpeg:5", 1), ("jpeg:20", 1), ("jpeg:21", 0), ("jpeg:4", 0),
-    ("jp2k:100", 2), ("jp2k:80", 2), ("jp2k:401", 0), ("jp2k:20", 0), ("jp2k_psnr:20", 0), ("noise:30", 0),
+    ("clean", 0), ("jpeg:10", 1), ("jpeg:5", 1), ("jpeg:20", 1), ("jpeg:21", 0), ("jpeg:2", 1), ("jpeg:1", 1),
+    ("jp2k:100", 2), ("jp2k:80", 2), ("jp2k:401", 2), ("jp2k:1000", 2), ("jp2k:79", 0), ("jp2k:20", 0),
+    ("jp2k_psnr:20", 0), ("noise:30", 0),
     ("blur:1+jpeg:10", 1), ("jpeg:10+noise:5", 1), ("jpeg:10+jp2k:100", 2), ("jp2k:100+jpeg:10", 1),
 ])
 def test_bin_of(spec, expected):
@@ -473,10 +476,13 @@ def test_bin_of_first_match_wins_and_empty_bins_never_match():
 
 def test_bin_of_bitstream():
   img224 = mosaic224()
-  for spec, expected in [("clean", 0), ("jpeg:10", 1), ("jpeg:50", 0), ("jp2k:150", 2), ("jp2k:20", 0),
-                         ("noise:10", 0), ("blur:1+jpeg:15", 1)]:
+  for spec, expected in [("clean", 0), ("jpeg:10", 1), ("jpeg:2", 1), ("jpeg:1", 1), ("jpeg:50", 0),
+                         ("jp2k:150", 2), ("jp2k:1000", 2), ("jp2k:20", 0), ("noise:10", 0), ("blur:1+jpeg:15", 1)]:
     _, info = D.apply(spec, img224)
     assert D.bin_of_bitstream(info, DEFAULT_BINS) == expected == D.bin_of(spec, DEFAULT_BINS), spec
+  # A 32x32 JPEG at quality 2 read from its tables goes to the JPEG bin too, not to the clean one.
+  _, info = D.apply("jpeg:2", cifar_images()[0])
+  assert info["jpeg_quality"] == 2 and D.bin_of_bitstream(info, DEFAULT_BINS) == 1
   # A receiver of a 32x32 `jp2k:150` stream sees its real ratio (23-27:1, the size floor), not 150.
   _, info = D.apply("jp2k:150", cifar_images()[0])
   assert D.bin_of_bitstream(info, DEFAULT_BINS) == 0

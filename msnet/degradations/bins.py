@@ -1,9 +1,13 @@
 """Quality bins: the master network's label, from a spec or from what a receiver reads in the bitstream.
 
 A rule `kind:lo-hi` matches the last codec of a chain when its kind is `kind` and its level lies in
-[lo, hi]: for `jpeg` the IJG quality, for `jp2k` the JPEG 2000 compression ratio R:1. Bin i holds a
-list of rules (any may match); bins are tried in order and the first match wins; bin 0 takes the rest
-(clean, noise, blur, codecs no rule matches). A bin with no rules never matches by rule.
+[lo, hi]: for `jpeg` the IJG quality (1-100, 1 strongest), for `jp2k` the JPEG 2000 compression ratio R:1
+(`hi` may be `inf`, the strong end of that scale). Bin i holds a list of rules (any may match); bins are
+tried in order and the first match wins; bin 0 takes the rest (clean, noise, blur, codecs no rule matches).
+A bin with no rules never matches by rule. Configs extend a codec's strongest bin to the strong end of its
+scale (`jpeg:1-20`, `jp2k:80-inf`): a spec stronger than any bin's training range is still that codec's
+degradation, and sending it to the clean bin would make the oracle no upper bound. `check_disjoint`
+refuses rules of two bins that overlap, where the order of the bins would silently decide.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from msnet.degradations.spec import Jp2k, Jpeg, Spec, parse
 
 BIN_KINDS = ("jpeg", "jp2k")
-_RULE = re.compile(r"(\w+):([0-9]*\.?[0-9]+)-([0-9]*\.?[0-9]+)")
+_RULE = re.compile(r"(\w+):([0-9]*\.?[0-9]+)-([0-9]*\.?[0-9]+|inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +37,31 @@ class BinRule:
 
 @functools.lru_cache(maxsize=256)
 def parse_bin_rule(rule: str) -> BinRule:
-  """`"jpeg:5-20"` -> BinRule("jpeg", 5, 20); ValueError naming the rule if malformed."""
+  """`"jpeg:5-20"` -> BinRule("jpeg", 5, 20), `"jp2k:80-inf"` -> BinRule("jp2k", 80, inf); ValueError naming
+  the rule if malformed."""
   m = _RULE.fullmatch(rule.strip()) if isinstance(rule, str) else None
   if m is None:
-    raise ValueError(f"bad bin rule {rule!r}: expected 'kind:lo-hi' with kind in {BIN_KINDS}, e.g. 'jpeg:5-20'")
+    raise ValueError(f"bad bin rule {rule!r}: expected 'kind:lo-hi' with kind in {BIN_KINDS} and hi a number "
+                     "or 'inf', e.g. 'jpeg:1-20', 'jp2k:80-inf'")
   kind, lo, hi = m.group(1), float(m.group(2)), float(m.group(3))
   if kind not in BIN_KINDS:
     raise ValueError(f"bad bin rule {rule!r}: unknown kind {kind!r}, expected one of {BIN_KINDS}")
   if lo > hi:
     raise ValueError(f"bad bin rule {rule!r}: empty range, {lo:g} > {hi:g}")
   return BinRule(kind, lo, hi)
+
+
+def check_disjoint(bin_rules: Sequence[Iterable[str]]) -> None:
+  """ValueError naming both rules and bins if rules of two bins overlap (first match would decide silently)."""
+  seen: list[tuple[int, str, BinRule]] = []
+  for i, rules in enumerate(bin_rules):
+    for rule in rules:
+      r = parse_bin_rule(rule)
+      for j, other, o in seen:
+        if j != i and r.kind == o.kind and r.lo <= o.hi and o.lo <= r.hi:
+          raise ValueError(f"bin rule {rule!r} of bin {i} overlaps {other!r} of bin {j}: a spec in both would "
+                           f"silently go to bin {j}; make the two ranges disjoint")
+      seen.append((i, rule, r))
 
 
 def _first_match(kind: str | None, level: float | None, bin_rules: Iterable[Iterable[str]]) -> int:
