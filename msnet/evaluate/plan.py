@@ -8,7 +8,7 @@ import pathlib
 
 import ml_collections
 
-from msnet import degradations
+from msnet import config as config_lib, degradations
 
 ROUTED = ("branches", "ms", "ams", "map", "oracle", "bitstream")
 
@@ -29,11 +29,11 @@ def stage_done(workdir: pathlib.Path, stage: str) -> bool:
 
 
 def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Plan:
-  """Resolve config.evaluate.methods against the completed training stages."""
+  """Resolve config.evaluate.methods ("comparisons": config.comparisons) against the completed training stages."""
   plan = Plan()
   branch_stages = ["baseline", *(f"branch_{b.name}" for b in config.bins[1:])]
   absent = lambda stages: [s for s in stages if not stage_done(workdir, s)]  # noqa: E731
-  for method in config.evaluate.methods:
+  for method in config_lib.evaluated_methods(config):
     if method in ROUTED:
       need = branch_stages + (["master"] if method in ("ms", "map") else [])
     elif method == "deepcloak":
