@@ -5,12 +5,17 @@
 - Its runlocal version runs on a TFDS dataset the test builds (resize shorter side, center crop, then
   degrade), with the baseline imported from a fabricated Keras VGG-16 .h5 file and not trained, a branch
   trained for a few steps, and an evaluation.
+- Its runlocal baseline, trained from scratch, stays finite and learns on real photos (CIFAR-10 upscaled),
+  where the full config's unscaled "caffe" inputs without normalisation diverge.
+- With no AlexNet in its comparisons, evaluation does not ask for the AlexNet stage.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import json
+import math
 import pathlib
 
 import jax
@@ -21,7 +26,7 @@ import pytest
 from PIL import Image
 
 from msnet import config as config_lib, evaluate, models, parallel, train
-from msnet.data import degrade
+from msnet.data import degrade, sources
 from msnet.train import optim, state as state_lib, step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -110,6 +115,7 @@ def test_runlocal_on_mock_tfds_with_imported_baseline(tmp_path):
   c.data.num_classes = tp.CLASSES
   c.model.width, c.model.fc_width = 0.0625, 16  # the fabricated file's widths
   c.model.pretrained = str(weights_file)
+  c.model.norm, c.model.input_norm = "none", "caffe"  # the imported network, as in the full config
   c.stages.baseline.epochs, c.stages.baseline.steps = 0, 0  # import only, as the full config does
   c.comparisons = ()
   c.sweeps = ml_collections.ConfigDict({"clean": ("clean",), "jpeg": ("jpeg:10",)})
@@ -134,3 +140,48 @@ def test_runlocal_on_mock_tfds_with_imported_baseline(tmp_path):
   assert got[("baseline", "clean")]["n"] == 12 and got[("oracle", "jpeg:10")]["n"] == 12
   assert {r["method"] for r in rows} == {"baseline", "branch_clean", "branch_jpeg", "branch_jp2k", "oracle",
                                          "bitstream"}
+
+
+def _write_photos(root: pathlib.Path, n: int, size: int) -> None:
+  """An ImageFolder of n real photos, the same files in `train/` and `validation/`: embedded CIFAR-10 test
+  images upscaled (bicubic) to size x size with Pillow, so runlocal resizes and crops them like ImageNet's."""
+  cifar = sources.open_source(dict(source="embedded_cifar10", path="", tfds_name="", tfds_data_dir="",
+                                   image_size=32, resize_shorter=0), "test")
+  for i in range(n):
+    record = cifar[i]
+    photo = Image.fromarray(record["image"]).resize((size, size), Image.BICUBIC)
+    for split in ("train", "validation"):
+      folder = root / split / cifar.class_names[record["label"]]
+      folder.mkdir(parents=True, exist_ok=True)
+      photo.save(folder / f"{i:03d}.jpg", quality=95)
+
+
+def _train_baseline(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[float]:
+  """Degrade the clean splits, train the baseline stage; the logged training losses."""
+  config_lib.validate(c)
+  degrade.run_degrade(c, workdir, specs=["clean"])
+  train.run_stage(c, workdir, "baseline")
+  rows = [json.loads(line) for line in (workdir / "train" / "baseline" / "metrics.jsonl").read_text().splitlines()]
+  return [r["loss"] for r in rows if "loss" in r and "event" not in r]
+
+
+@pytest.mark.slow
+def test_runlocal_baseline_learns_on_real_photos(tmp_path):
+  _write_photos(tmp_path / "photos", 48, 80)
+  c = _imagenet_config("runlocal")
+  c.data.source, c.data.path, c.data.num_classes = "folder", str(tmp_path / "photos"), 10
+  c.degrade.num_workers = 0
+  assert not c.model.pretrained and c.stages.baseline.steps == 4 and c.train.log_every_steps == 2
+  losses = _train_baseline(c, tmp_path / "w")
+  assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0], losses
+  # The same photos show the risk: the imported network's unscaled inputs, no normalisation, from scratch.
+  c.model.input_norm, c.model.norm = "caffe", "none"
+  with pytest.raises(train.NonFiniteLossError, match="loss nan"):
+    _train_baseline(c, tmp_path / "w_caffe")
+
+
+def test_evaluation_follows_comparisons_without_alexnet(tmp_path):
+  c = _imagenet_config(None)
+  plan = evaluate.make_plan(c, tmp_path)  # nothing trained: every planned method lists its missing stages
+  assert set(plan.missing) == {"baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", *c.comparisons}
+  assert "alexnet_baseline" not in plan.missing
