@@ -151,3 +151,23 @@ def test_cli_refuses_a_config_without_a_study_section(tmp_path):
   assert result.returncode != 0
   assert "config.study: missing" in result.stderr
   assert not (tmp_path / "data").exists()  # refused before degrading anything
+
+
+def test_evaluate_in_a_workdir_whose_baseline_has_another_depth(studied, tmp_path):
+  """Branches trained at depth 4 beside a baseline trained at 10 in one workdir: evaluation re-splits the
+  baseline too, and gives the depth-4 study folder's own results."""
+  (tmp_path / "train").mkdir()
+  (tmp_path / "data").symlink_to(studied / "data")
+  for stage in ("baseline", "master"):
+    (tmp_path / "train" / stage).symlink_to(studied / "train" / stage)
+  for stage in ("branch_jpeg", "branch_jp2k"):
+    (tmp_path / "train" / stage).symlink_to(studied / "depth-4" / "train" / stage)
+  (tmp_path / "config.json").write_text((studied / "depth-4" / "config.json").read_text())
+  result = subprocess.run([sys.executable, "-m", "msnet.cli", "evaluate", f"--workdir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  def rows(w):
+    return {(r["method"], r["spec"]): r["correct1"] for r in json.loads((w / "eval" / "results.json").read_text())["rows"]}
+
+  assert rows(tmp_path) == rows(studied / "depth-4")

@@ -48,7 +48,7 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
     shardings = parallel.param_shardings(params, mesh, rules)
     return jax.device_put(params, shardings), shardings
 
-  base = train_lib.load_params(workdir, "baseline") if stage_done(workdir, "baseline") else None
+  base = train_lib.load_baseline(workdir, config) if stage_done(workdir, "baseline") else None
   single_model = models.build_slave(config.model, num_classes, 1)
   flops = {"baseline": float(models.flops_per_image(single_model, base, size))} if base is not None else {}
   heads, own = {}, {}

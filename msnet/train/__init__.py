@@ -3,6 +3,7 @@
   run_stage(config, workdir, stage) -> dict      train (or resume) one stage; returns its DONE.json
   stage_names(config) -> list[str]               pipeline order: baseline, branch_*, master, comparisons
   load_params(workdir, stage)                    final params of a completed stage (host NumPy)
+  load_baseline(workdir, config)                 the baseline cut at config.model.trunk_layers (re-split)
   load_slave_params(workdir, config)             the K-branch slave assembled from baseline + branch stages
   load_feature_mask(workdir)                     DeepCloak's channel mask
 
@@ -19,10 +20,10 @@ import ml_collections
 from msnet import errors
 from msnet.train import loop
 from msnet.train.loop import NonFiniteLossError, Preempted
-from msnet.train.stages import (known_stages, load_feature_mask, load_params, load_slave_params, make_job,
-                                run_deepcloak, stage_names)
+from msnet.train.stages import (known_stages, load_baseline, load_feature_mask, load_params, load_slave_params,
+                                make_job, run_deepcloak, stage_names)
 
-__all__ = ["run_stage", "stage_names", "load_params", "load_slave_params", "load_feature_mask",
+__all__ = ["run_stage", "stage_names", "load_params", "load_baseline", "load_slave_params", "load_feature_mask",
            "NonFiniteLossError", "Preempted"]
 
 
