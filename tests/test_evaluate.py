@@ -132,6 +132,7 @@ def trained(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str,
   """Random-init params stand in for the checkpoints of the completed stages."""
   p = setup["params"]
   monkeypatch.setattr(train_lib, "load_params", lambda workdir, stage: p[stage])
+  monkeypatch.setattr(train_lib, "load_baseline", lambda workdir, config: p["baseline"])
   monkeypatch.setattr(train_lib, "load_slave_params", lambda workdir, config: p["slave"])
   monkeypatch.setattr(train_lib, "load_feature_mask", lambda workdir: setup["mask"])
   return setup
