@@ -55,11 +55,12 @@ def check_study(config: ml_collections.ConfigDict) -> None:
     for spec in ((s[field],) if isinstance(s[field], str) else s[field]):
       _require(str(degradations.parse(spec)) in evaluated, f"study.{field}",
                f"{spec!r} is in no sweep of config.evaluate.sweeps {list(config.evaluate.sweeps)}; add it to one")
+  methods = config_lib.evaluated_methods(config)
   for field in ("accuracy_methods", "change_methods"):
     for m in s[field]:
       _require(m in TABLE_METHODS, f"study.{field}", f"{m!r} is not one of {list(TABLE_METHODS)}")
-      _require(m in config.evaluate.methods, f"study.{field}", f"{m!r} is not in config.evaluate.methods")
-  _require("baseline" in config.evaluate.methods, "evaluate.methods", "the % change needs 'baseline'")
+      _require(m in methods, f"study.{field}", f"{m!r} is not in config.evaluate.methods")
+  _require("baseline" in methods, "evaluate.methods", "the % change needs 'baseline'")
   _require(len(config.bins) >= 2, "bins", "the study trains a branch per bin after the first; give >= 2 bins")
 
 
