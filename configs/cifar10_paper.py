@@ -15,7 +15,7 @@ from msnet import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, ("runlocal", "trunk_layers"))
   c = config_lib.base_config()
   config_lib.cifar_jp2k(c)
   c.model.width = 1.0

@@ -15,7 +15,7 @@ from msnet import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, ("runlocal", "model_axis"))
   c = config_lib.base_config()
   c.data.source = "tfds"
   c.data.tfds_name = "imagenet2012"

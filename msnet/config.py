@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -204,12 +205,19 @@ def evaluated_methods(c: ml_collections.ConfigDict) -> list[str]:
   return methods
 
 
-def parse_arg(arg: str | None) -> dict[str, Any]:
-  """`"runlocal,width=0.5"` -> {"runlocal": True, "width": "0.5"}: the config-file argument."""
+def parse_arg(arg: str | None, known: Sequence[str] = ("runlocal",)) -> dict[str, Any]:
+  """`"runlocal,width=0.5"` -> {"runlocal": True, "width": "0.5"}: the config-file argument.
+
+  A key outside `known` is refused (a typo such as `:runlocl` would otherwise run the full config).
+  """
   out: dict[str, Any] = {}
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
-    out[key.strip()] = value.strip() if sep else True
+    key = key.strip()
+    if key not in known:
+      raise ConfigError(f"config argument {key!r} (in {arg!r}) is not one of {list(known)}; "
+                        f"e.g. --config=configs/x.py:runlocal")
+    out[key] = value.strip() if sep else True
   return out
 
 

@@ -61,8 +61,19 @@ def test_bad_spec_in_sweep_is_refused():
 
 
 def test_parse_arg():
-  assert config_lib.parse_arg("runlocal,trunk_layers=11") == {"runlocal": True, "trunk_layers": "11"}
+  known = ("runlocal", "trunk_layers")
+  assert config_lib.parse_arg("runlocal,trunk_layers=11", known) == {"runlocal": True, "trunk_layers": "11"}
   assert config_lib.parse_arg(None) == {}
+  with pytest.raises(config_lib.ConfigError, match="'runlocl' .* is not one of \\['runlocal'\\]"):
+    config_lib.parse_arg("runlocl")
+
+
+def test_cli_refuses_a_misspelled_config_argument_in_one_line(tmp_path):
+  workdir = tmp_path / "w"
+  result = _msnet("degrade", f"--config={ROOT / 'configs' / 'demo.py'}:runlocl", f"--workdir={workdir}", cwd=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip().count("\n") == 0 and "'runlocl'" in result.stderr and "Traceback" not in result.stderr
+  assert not workdir.exists()
 
 
 def _msnet(*args: str, cwd: pathlib.Path):
