@@ -116,6 +116,12 @@ def test_evaluate_before_training_is_one_line(tmp_path):
   assert "msnet train" in line
 
 
+def test_train_before_degrade_is_one_line(tmp_path):
+  line = _one_error_line(_msnet("train", CONFIG, f"--workdir={tmp_path}", "--stage=baseline"), "train")
+  assert "data/train/clean" in line and "run `msnet degrade`" in line
+  _logged_traceback(tmp_path, "train", "MissingInputError")
+
+
 def test_missing_pretrained_weights_is_one_line(tmp_path):
   weights = tmp_path / "vgg16_weights.h5"
   proc = _msnet("run", CONFIG, f"--workdir={tmp_path}", f"--config.model.pretrained={weights}")

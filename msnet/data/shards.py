@@ -49,6 +49,8 @@ from typing import Any, Iterable, Sequence
 from etils import epath
 import numpy as np
 
+from msnet import errors
+
 FORMAT_VERSION = 1
 SHARD_SUFFIX = ".array_record"
 WRITER_OPTIONS = "group_size:1,zstd:3"
@@ -250,12 +252,12 @@ def shard_files(directory: str | os.PathLike[str]) -> list[epath.Path]:
   directory = epath.Path(directory)
   found = sorted(p for p in directory.glob(f"shard-*{SHARD_SUFFIX}") if _SHARD_RE.fullmatch(p.name))
   if not found:
-    raise FileNotFoundError(f"{directory}: no shards; run `msnet degrade` with this spec in the config")
+    raise errors.MissingInputError(f"{directory}: no shards; run `msnet degrade` with this spec in the config")
   totals = {int(_SHARD_RE.fullmatch(p.name).group(2)) for p in found}
   ks = [int(_SHARD_RE.fullmatch(p.name).group(1)) for p in found]
   if len(totals) != 1 or ks != list(range(totals.pop())):
-    raise FileNotFoundError(f"{directory}: incomplete shard set {[p.name for p in found]}; "
-                            "rerun `msnet degrade` to finish it")
+    raise errors.MissingInputError(f"{directory}: incomplete shard set {[p.name for p in found]}; "
+                                   "rerun `msnet degrade` to finish it")
   return found
 
 
@@ -269,6 +271,6 @@ def open_shards(path: str | os.PathLike[str]) -> ShardSource:
   if path.is_dir():
     return ShardSource(shard_files(path))
   if not path.exists():
-    raise FileNotFoundError(f"{path}: no such spec directory or shard file; run `msnet degrade` with this "
-                            "spec in the config")
+    raise errors.MissingInputError(f"{path}: no such spec directory or shard file; run `msnet degrade` "
+                                   "with this spec in the config")
   return ShardSource([path])
