@@ -187,6 +187,22 @@ def test_claims_decided_from_intervals(tmp_path: pathlib.Path, correct: str | No
     assert "**holds**." not in text and "**fails**." not in text
 
 
+def test_baseline_training_curve(tmp_path: pathlib.Path) -> None:
+  _write_workdir(tmp_path)
+  metrics = tmp_path / "train" / "baseline" / "metrics.jsonl"
+  metrics.parent.mkdir(parents=True, exist_ok=True)
+  steps = [{"step": s, "epoch": s / 10, "loss": 2.3 / (1 + s / 10), "accuracy": 0.1} for s in range(1, 31)]
+  vals = [{"step": 10 * e, "epoch": e, "val_accuracy": 0.5 + 0.1 * e, "val_specs": ["clean"]} for e in (1, 2, 3)]
+  done = [{"step": 30, "event": "done", "stage": "baseline", "loss": 0.6}]
+  metrics.write_text("".join(json.dumps(r) + "\n" for r in steps + vals + done))
+  text = report.run_report(config_lib.base_config(), tmp_path).read_text()
+  assert "](baseline_curve.png)" in text
+  assert _is_png(tmp_path / "report" / "baseline_curve.png")
+  metrics.write_text(json.dumps(done[0]) + "\n")  # a stage that logged no step: said, not drawn
+  text = report.run_report(config_lib.base_config(), tmp_path).read_text()
+  assert f"baseline_curve is not in this report: {metrics} holds no training steps" in text
+
+
 def test_claims_and_combined_fit() -> None:
   rows = _rows()
   fits = {f["pre"]: f for f in tables.combined_fit(rows)}

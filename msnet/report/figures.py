@@ -6,6 +6,7 @@ report prints in place of the figure).
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 from typing import Any, Sequence
@@ -194,3 +195,28 @@ def confusion(matrix: Sequence[Sequence[int]], bins: Sequence[str], path: pathli
   ax.set_ylabel("true bin")
   ax.set_title(title)
   _save(fig, path)
+
+
+def training_curve(metrics_path: pathlib.Path, path: pathlib.Path) -> str | None:
+  """A stage's training loss and its per-epoch validation top-1 against epochs: has the baseline converged?"""
+  if not metrics_path.exists():
+    return f"no {metrics_path}"
+  records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  train = [r for r in records if "loss" in r and "epoch" in r and r.get("event") != "done"]
+  val = [r for r in records if "val_accuracy" in r]
+  if not train:
+    return f"{metrics_path} holds no training steps"
+  fig = Figure(figsize=(6, 4.2))
+  ax = fig.add_subplot()
+  ax.plot([r["epoch"] for r in train], [r["loss"] for r in train], color="tab:gray", label="training loss")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("training loss")
+  if val:
+    acc = ax.twinx()
+    acc.plot([r["epoch"] for r in val], [100.0 * r["val_accuracy"] for r in val], color="black", marker="o",
+             label="validation top-1")
+    acc.set_ylabel("validation top-1 (%)")
+    acc.legend(loc="center right")
+  ax.legend(loc="upper right")
+  _save(fig, path)
+  return None

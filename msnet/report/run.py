@@ -89,6 +89,10 @@ def run_report(config: ml_collections.ConfigDict, workdir: Any) -> pathlib.Path:
   lines += master_section(_read_json(workdir / "eval" / "master.json"), out)
   lines += sweep_tables(rows, sweeps)
   lines += wall_section(workdir / "train")
+  figure(lines, "baseline_curve", figures.training_curve(workdir / "train" / "baseline" / "metrics.jsonl",
+                                                         out / "baseline_curve.png"),
+         "The baseline's training loss and validation top-1 per epoch: a flat validation curve at the end "
+         "means more epochs would not change the baseline the methods start from.")
   path = out / "report.md"
   path.write_text("\n".join(lines).rstrip() + "\n")
   return path
