@@ -117,12 +117,14 @@ def run_runs_report(runs: Sequence[Any], workdir: Any) -> pathlib.Path:
   results in every run resampled together). Reads each run's W/eval and W/config.json only."""
   runs = [pathlib.Path(r) for r in runs]
   if len(runs) < 2:
-    raise ValueError(f"--runs needs two or more workdirs (runs of one config with different seeds), got {len(runs)}")
+    raise errors.InvalidInputError(f"--runs needs two or more workdirs (runs of one config with different seeds), "
+                                   f"got {len(runs)}")
   loaded = []
   for r in runs:
     results = _read_json(r / "eval" / "results.json")
     if results is None:
-      raise FileNotFoundError(f"{r / 'eval' / 'results.json'} not found: run `msnet evaluate --workdir={r}` first")
+      raise errors.MissingInputError(f"{r / 'eval' / 'results.json'} not found: run `msnet evaluate --workdir={r}` "
+                                     "first")
     rows = [x for x in results["rows"] if x["top1"] is not None]
     seed = (_read_json(r / "config.json") or {}).get("seed")
     loaded.append(dict(dir=r, rows=rows, meta=results["meta"], seed=seed, correct=stats.load_correct(r / "eval")))

@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from msnet import errors
+
 Key = tuple[str, str]  # (method, canonical spec)
 
 CORRECT_DIR = "correct"  # W/eval/correct/<spec slug>.npz, written by msnet.evaluate.results.write_correct
@@ -50,9 +52,9 @@ def pool_runs(runs: Sequence[Mapping[Key, np.ndarray]], names: Sequence[str] | N
   for key in keys:
     sizes = [len(r[key]) for r in runs]
     if len(set(sizes)) > 1:
-      raise ValueError(f"{key[0]} on {key[1]}: the runs have different test sets "
-                       f"({', '.join(f'{nm} n={s}' for nm, s in zip(names, sizes))}); pool only runs of one "
-                       "config that differ in their seed")
+      raise errors.InvalidInputError(f"{key[0]} on {key[1]}: the runs have different test sets "
+                                     f"({', '.join(f'{nm} n={s}' for nm, s in zip(names, sizes))}); pool only "
+                                     "runs of one config that differ in their seed")
     pooled[key] = np.sum([np.asarray(r[key], np.int64) for r in runs], axis=0)
   return pooled
 
