@@ -1,0 +1,57 @@
+"""Copy the committed evidence of the CIFAR-10 reproduction out of its workdirs into benchmarks/results/reproduction/.
+
+  python benchmarks/collect_reproduction.py --run runs/repro-s0 [--run runs/repro-s1 ...] [--study runs/depth]
+
+Per run (seed<N>/): config.json, timings.json, every stage's DONE.json, the baseline's metrics.jsonl, and
+W/eval (results.json/.csv, master.json, correct/: every image's top-1 per method and spec), which is all
+`msnet report --runs` reads, so later seeds pool with these without re-running them; and W/report (report.md,
+table1.csv, figures). From the depth study: W/study (depth.md, depth.csv, depth.png). Checkpoints and
+shards are not copied (they are rebuilt by the commands in the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+
+OUT = pathlib.Path(__file__).resolve().parent / "results" / "reproduction"
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
+  if not src.exists():
+    raise SystemExit(f"collect_reproduction: {src} is missing; finish that run first")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  if src.is_dir():
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+  else:
+    shutil.copy2(src, dst)
+
+
+def collect_run(run: pathlib.Path) -> pathlib.Path:
+  seed = json.loads((run / "config.json").read_text())["seed"]
+  dst = OUT / f"seed{seed}"
+  for name in ("config.json", "timings.json", "eval", "report"):
+    _copy(run / name, dst / name)
+  _copy(run / "train" / "baseline" / "metrics.jsonl", dst / "train" / "baseline" / "metrics.jsonl")
+  for done in sorted((run / "train").glob("*/DONE.json")):
+    _copy(done, dst / "train" / done.parent.name / "DONE.json")
+  return dst
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--run", action="append", default=[], type=pathlib.Path, help="a finished `msnet run` workdir")
+  parser.add_argument("--study", type=pathlib.Path, help="a finished `msnet study` workdir")
+  args = parser.parse_args()
+  for run in args.run:
+    print(f"{run} -> {collect_run(run)}")
+  if args.study:
+    _copy(args.study / "study", OUT / "depth_study")
+    _copy(args.study / "timings.json", OUT / "depth_study" / "timings.json")
+    print(f"{args.study / 'study'} -> {OUT / 'depth_study'}")
+
+
+if __name__ == "__main__":
+  main()
