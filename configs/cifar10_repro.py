@@ -12,7 +12,7 @@ AlexNet comparison (Fig. 1b only, not a robustness method) is not trained.
 Trunk depth 4 (conv1_1..conv2_2 shared, each branch conv3_1..fc8): at 32x32 the paper's cut after the
 11th layer leaves each branch two convs on 2x2 maps, which cannot undo JPEG's 8x8 block artefacts; the demo
 with `trunk_layers=4` gave MS 37% change at JPEG-10 against 13% at depth 10 (issue 12), and the depth study
-(configs/depth_study.py, benchmarks/results/depth_study/) measures the whole trade-off. A branch at depth 4
+(configs/depth_study.py, benchmarks/results/reproduction/depth_study/) measures the whole trade-off. A branch at depth 4
 costs ~70% of the baseline's FLOPs, the price of that gain.
 """
 
