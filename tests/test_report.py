@@ -193,7 +193,7 @@ def test_baseline_training_curve(tmp_path: pathlib.Path) -> None:
   metrics.parent.mkdir(parents=True, exist_ok=True)
   steps = [{"step": s, "epoch": s / 10, "loss": 2.3 / (1 + s / 10), "accuracy": 0.1} for s in range(1, 31)]
   vals = [{"step": 10 * e, "epoch": e, "val_accuracy": 0.5 + 0.1 * e, "val_specs": ["clean"]} for e in (1, 2, 3)]
-  done = [{"step": 30, "event": "done", "stage": "baseline", "loss": 0.6}]
+  done = [{"step": 30, "event": "done", "stage": "baseline", "loss": 0.6, "accuracy": 0.1, "val_accuracy": 0.8}]
   metrics.write_text("".join(json.dumps(r) + "\n" for r in steps + vals + done))
   text = report.run_report(config_lib.base_config(), tmp_path).read_text()
   assert "](baseline_curve.png)" in text

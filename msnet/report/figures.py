@@ -202,8 +202,9 @@ def training_curve(metrics_path: pathlib.Path, path: pathlib.Path) -> str | None
   if not metrics_path.exists():
     return f"no {metrics_path}"
   records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-  train = [r for r in records if "loss" in r and "epoch" in r and r.get("event") != "done"]
-  val = [r for r in records if "val_accuracy" in r]
+  steps = [r for r in records if r.get("event") is None]  # the final "done" record repeats the last values
+  train = [r for r in steps if "loss" in r]
+  val = [r for r in steps if "val_accuracy" in r]
   if not train:
     return f"{metrics_path} holds no training steps"
   fig = Figure(figsize=(6, 4.2))
