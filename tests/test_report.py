@@ -132,6 +132,9 @@ def test_report_writes_all_files(tmp_path: pathlib.Path) -> None:
   assert "fig1b is not in this report" in text and "alexnet_baseline" in text
   assert "paper's numbers, not this run's" in text
   assert "`deepcloak`: stage deepcloak not trained" in text
+  assert "stored as JPEG q75" in text  # the default source, embedded CIFAR-10, is said to be compressed already
+  cfg.data.source = "folder"
+  assert "stored as JPEG q75" not in report.run_report(cfg, tmp_path).read_text()
   for fig in ("fig1a.png", "fig1c.png", "fig3.png", "fig4.png"):
     assert f"]({fig})" in text
   # Facts computed from the files: the wall-time total and the master's FLOP share.
