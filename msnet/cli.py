@@ -9,8 +9,12 @@
   msnet run      --config=... --workdir=W     (degrade -> train stages -> evaluate -> report)
   msnet demo     [--workdir=W]                (run with configs/demo.py on the embedded CIFAR-10)
   msnet study    --config=configs/depth_study.py --workdir=W   (the trunk-depth study: msnet/study.py)
+  msnet predict  --workdir=W [--rule=ms] [--top=5] [--json] PATH...   (image files and directories: msnet/files.py)
+  msnet export   --workdir=W --rule=ms --out=DIR   (a jax.export artifact + export.json: msnet/export.py)
 
-Without --config, a subcommand reads the resolved config a previous command wrote to W/config.json.
+Without --config, a subcommand reads the resolved config a previous command wrote to W/config.json;
+predict and export always use it (the config the workdir's models were trained with) and write nothing in W
+but their log.
 
 The terminal shows msnet's own stage lines and progress bars. Library logs (every Python `logging` record:
 absl, jax, orbax; Python warnings) go to W/logs/<command>-p<process index>.log, one file per process that
@@ -19,7 +23,8 @@ each command appends to; `--verbosity=0` (or higher) or MSNET_DEBUG=1 shows them
 Exit codes: 0 done; 2 an error the user can fix (`msnet.errors.UserError`: a bad flag or config value, an
 unknown or missing stage, a missing or unreadable input file, an image too small, a busy coordinator port),
 printed as one line `msnet <command>: <message>` on stderr with its traceback in the log file; 1 any other
-error, its traceback on the terminal and in the log file.
+error, its traceback on the terminal and in the log file; 3 (predict) the readable files were classified
+but some files were skipped, each named on stderr (none readable at all: 2).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ml_collections import config_flags
 
 from msnet import config as config_lib, errors
 
-SUBCOMMANDS = ("degrade", "show", "train", "evaluate", "report", "run", "demo", "study")
+SUBCOMMANDS = ("degrade", "show", "train", "evaluate", "report", "run", "demo", "study", "predict", "export")
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 LOGS = "logs"  # W/logs/<command>-p<process index>.log
 USER_ERROR_EXIT_CODE = 2
@@ -56,7 +61,12 @@ _SPLIT = flags.DEFINE_string("split", None, "show: source split (default: config
 _MERGE = flags.DEFINE_bool("merge", False, "degrade: only check every part's shards (sha256) and merge the "
                            "manifest parts of a job split over machines into W/data/manifest.json.")
 _N = flags.DEFINE_integer("n", 16, "show: number of examples.")
-_OUT = flags.DEFINE_string("out", None, "show: output PNG path (default: W/show-<spec>.png).")
+_OUT = flags.DEFINE_string("out", None, "show: output PNG path (default: W/show-<spec>.png); export: the output "
+                           "directory.")
+_RULE = flags.DEFINE_string("rule", "ms", "predict, export: the decision rule or single network (ms, ams, map, "
+                            "bitstream, oracle (export only), branch_<bin>, baseline, da_fc8, stability, ...).")
+_TOP = flags.DEFINE_integer("top", 5, "predict: the N most probable classes of each file.")
+_JSON = flags.DEFINE_bool("json", False, "predict: one JSON object per file instead of a text line.")
 _RUNS = flags.DEFINE_list("runs", None, "report: one report in --workdir over these workdirs (runs of one config "
                           "with different seeds): per-seed Table 1, mean +- sd, intervals over the pooled images.")
 
@@ -188,15 +198,16 @@ def _write_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-    raise app.UsageError(_usage(), exitcode=USER_ERROR_EXIT_CODE)
+  if len(argv) < 2 or argv[1] not in SUBCOMMANDS or (len(argv) > 2) != (argv[1] == "predict"):
+    raise app.UsageError(_usage() + "\n       msnet predict --workdir=DIR [--rule=ms] PATH... (image files or "
+                         "directories)", exitcode=USER_ERROR_EXIT_CODE)
   command = argv[1]
   if _WORKDIR.value is None and command != "demo":
     _exit_user_error(command, "--workdir is required: the directory (or gs:// path) of this experiment's files")
   workdir = pathlib.Path(_WORKDIR.value or "msnet-demo").absolute()
   logs = _LibraryLogs(workdir / LOGS, command, to_terminal=_debug())
   try:
-    _run(command, workdir, logs)
+    _run(command, workdir, logs, argv[2:])
   except errors.UserError as e:
     logs.write_traceback()
     _exit_user_error(command, str(e))
@@ -205,10 +216,33 @@ def _main(argv: list[str]) -> None:
     raise
 
 
-def _run(command: str, workdir: pathlib.Path, logs: _LibraryLogs) -> None:
+def _use_trained(command: str, workdir: pathlib.Path, logs: _LibraryLogs, paths: list[str]) -> None:
+  """predict / export: the workdir's trained models under the config they were trained with (W/config.json)."""
+  if _CONFIG.value is not None:
+    raise errors.InvalidInputError(f"{command} uses the config the workdir's models were trained with "
+                                   f"({workdir / 'config.json'}); drop --config")
+  if command == "export" and not _OUT.value:
+    raise errors.InvalidInputError("export: --out=DIR is required (the directory for model.jaxexport and export.json)")
+  import jax  # noqa: PLC0415
+  from msnet import predict  # noqa: PLC0415
+  logs.open(jax.process_index())
+  if command == "predict":
+    from msnet import files  # noqa: PLC0415
+    if files.predict_files(predict.load(workdir), paths, rule=_RULE.value, top=_TOP.value, as_json=_JSON.value):
+      sys.exit(files.SKIPPED_EXIT_CODE)
+  else:
+    from msnet import export  # noqa: PLC0415
+    out = export.export(workdir, _RULE.value, _OUT.value)
+    print(f"[msnet] export: rule {_RULE.value!r} -> {out / export.ARTIFACT}, {out / export.META}", file=sys.stderr)
+
+
+def _run(command: str, workdir: pathlib.Path, logs: _LibraryLogs, paths: list[str]) -> None:
   if command == "report" and _RUNS.value:  # reads the runs' result files only: no config, no JAX
     from msnet import report  # noqa: PLC0415
     print(f"[msnet] report: {report.run_runs_report(_RUNS.value, workdir)}", file=sys.stderr)
+    return
+  if command in ("predict", "export"):
+    _use_trained(command, workdir, logs, paths)
     return
   cfg = _resolve_config(command, workdir)
   config_lib.validate(cfg)
