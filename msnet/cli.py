@@ -10,7 +10,7 @@
   msnet demo     [--workdir=W]                (run with configs/demo.py on the embedded CIFAR-10)
   msnet study    --config=configs/depth_study.py --workdir=W   (the trunk-depth study: msnet/study.py)
   msnet predict  --workdir=W [--rule=ms] [--top=5] [--json] PATH...   (image files and directories: msnet/files.py)
-  msnet export   --workdir=W --rule=ms --out=DIR   (a jax.export artifact + export.json: msnet/export.py)
+  msnet export   --workdir=W --rule=ms --out=DIR [--platforms=cpu,cuda]   (jax.export artifact: msnet/export.py)
 
 Without --config, a subcommand reads the resolved config a previous command wrote to W/config.json;
 predict and export always use it (the config the workdir's models were trained with) and write nothing in W
@@ -67,6 +67,8 @@ _RULE = flags.DEFINE_string("rule", "ms", "predict, export: the decision rule or
                             "bitstream, oracle (export only), branch_<bin>, baseline, da_fc8, stability, ...).")
 _TOP = flags.DEFINE_integer("top", 5, "predict: the N most probable classes of each file.")
 _JSON = flags.DEFINE_bool("json", False, "predict: one JSON object per file instead of a text line.")
+_PLATFORMS = flags.DEFINE_list("platforms", None, "export: the platforms the artifact runs on, e.g. cpu,cuda,tpu "
+                               "(default: this machine's).")
 _RUNS = flags.DEFINE_list("runs", None, "report: one report in --workdir over these workdirs (runs of one config "
                           "with different seeds): per-seed Table 1, mean +- sd, intervals over the pooled images.")
 
@@ -232,7 +234,7 @@ def _use_trained(command: str, workdir: pathlib.Path, logs: _LibraryLogs, paths:
       sys.exit(files.SKIPPED_EXIT_CODE)
   else:
     from msnet import export  # noqa: PLC0415
-    out = export.export(workdir, _RULE.value, _OUT.value)
+    out = export.export(workdir, _RULE.value, _OUT.value, platforms=_PLATFORMS.value)
     print(f"[msnet] export: rule {_RULE.value!r} -> {out / export.ARTIFACT}, {out / export.META}", file=sys.stderr)
 
 

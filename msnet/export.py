@@ -62,9 +62,13 @@ def export(workdir: Any, rule: str, out: Any, platforms: Sequence[str] | None = 
     exported = jax.export.export(jax.jit(serve), platforms=platforms)(*args)
   except ValueError as e:  # an unknown platform name
     raise errors.InvalidInputError(f"export: cannot lower rule {rule!r} for platforms {platforms}: {e}") from None
+  try:
+    artifact = exported.serialize()
+  except ImportError as e:  # jax serializes with flatbuffers, which jax itself does not require
+    raise errors.UserError(f"export: {e} (pip install flatbuffers)") from None
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / ARTIFACT).write_bytes(exported.serialize())
+  (out / ARTIFACT).write_bytes(artifact)
   inputs = {"images": {"shape": ["b", size, size, 3], "dtype": "uint8"}}
   if with_bins:
     inputs["bins"] = {"shape": ["b"], "dtype": "int32", "values": "the bin index of each image in bin_names: the "
