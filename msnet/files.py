@@ -19,7 +19,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import PIL.Image
@@ -28,6 +28,9 @@ import tqdm
 from msnet import degradations, errors
 from msnet.data.sources import CorruptImageError, _decode_bytes
 from msnet.degradations import codecs
+
+if TYPE_CHECKING:  # the predictor imports JAX; reading files does not need it
+  from msnet.predict import Predictor
 
 JPEG_SOI = b"\xff\xd8"
 J2K_SOC = b"\xff\x4f\xff\x51"
@@ -109,9 +112,12 @@ def read_image(path: str | os.PathLike[str]) -> ImageFile:
       return ImageFile(name, image, {"codec": "jp2k", "bpp": bpp}, f"bitstream: jp2k {24 / bpp:.1f}:1")
   except (RuntimeError, ValueError) as e:  # imagecodecs' Jpeg8Error / Jpeg2kError; bad DQT, JP2 boxes
     raise CorruptImageError(f"{name}: cannot decode image: {e}") from None
+  try:
+    with PIL.Image.open(io.BytesIO(data)) as im:
+      kind = im.format or "unknown"
+  except PIL.UnidentifiedImageError:  # Pillow's own message names a BytesIO object, not the file
+    raise CorruptImageError(f"{name}: not an image: neither JPEG, JPEG 2000 nor a format Pillow reads") from None
   image = _decode_bytes(data, name)
-  with PIL.Image.open(io.BytesIO(data)) as im:
-    kind = im.format or "unknown"
   source = "bitstream: lossless" if kind in LOSSLESS_FORMATS else f"bitstream: {kind.lower()} (not read: clean bin)"
   return ImageFile(name, image, {"codec": None}, source)
 
@@ -123,7 +129,7 @@ def _rgb(image: np.ndarray, name: str) -> np.ndarray:
     raise CorruptImageError(f"{name}: {e}") from None
 
 
-def _record(predictor: Any, f: ImageFile, out: dict[str, Any], i: int, source: str) -> dict[str, Any]:
+def _record(predictor: Predictor, f: ImageFile, out: dict[str, Any], i: int, source: str) -> dict[str, Any]:
   """One file's result as a JSON-ready dict."""
   names, bins = predictor.class_names, predictor.bin_names
   branch = int(out["branch"][i])
@@ -141,7 +147,7 @@ def _line(record: dict[str, Any]) -> str:
           f"({record['bin_source']}) | top {len(record['top'])}: {top}")
 
 
-def predict_files(predictor: Any, paths: Sequence[str | os.PathLike[str]], rule: str = "ms", top: int = 5,
+def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike[str]], rule: str = "ms", top: int = 5,
                   as_json: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
   """Classify every image file under `paths` with `rule`, one line per file on `out`; returns how many files
   were skipped (each named on `err`). UserError when no file could be read at all."""

@@ -250,13 +250,15 @@ def test_predict_files_skips_bad_files(predictor: predict.Predictor, tmp_path: p
   (tmp_path / "sub").mkdir()
   (tmp_path / "sub" / "broken.jpg").write_bytes(codecs.jpeg_encode(_images(1)[0], 50, "420")[:40])
   (tmp_path / "notes.txt").write_text("not an image")  # not an image suffix: not picked from a directory
+  (tmp_path / "text.png").write_text("not an image either")
   out, err = io.StringIO(), io.StringIO()
-  assert files.predict_files(predictor, [tmp_path], rule="ms", top=3, out=out, err=err) == 1
+  assert files.predict_files(predictor, [tmp_path], rule="ms", top=3, out=out, err=err) == 2
   lines = out.getvalue().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'good.png'}: ")
   assert "| branch " in lines[0] and "(master) | top 3: " in lines[0]
   assert f"skipped {tmp_path / 'sub' / 'broken.jpg'}: cannot decode image" in err.getvalue()
-  assert "skipped 1 of 2 files" in err.getvalue()
+  assert f"skipped {tmp_path / 'text.png'}: not an image: neither JPEG" in err.getvalue()
+  assert "skipped 2 of 3 files" in err.getvalue()
   with pytest.raises(errors.InvalidInputError, match="none of the 1 files"):
     files.predict_files(predictor, [tmp_path / "sub"], out=out, err=err)
   with pytest.raises(errors.MissingInputError, match="nowhere.jpg: no such file"):
