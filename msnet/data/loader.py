@@ -157,8 +157,13 @@ def eval_batches(workdir: str | os.PathLike[str], split: str, spec: str, global_
   Yields `{"image", "label", "bin", "bitstream_bin", "mask"}`; every process yields the same number of
   batches (collectives in the eval step stay in lockstep), padding rows have `mask == False`.
   """
+  yield from source_eval_batches(shards.open_shards(shards.spec_dir(workdir, split, spec)), global_batch, mesh)
+
+
+def source_eval_batches(source: Any, global_batch: int, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
+  """`eval_batches` over any random-access source of encoded records (`.read(i)`, `len`): e.g. an external
+  benchmark set read from its own files."""
   local = _check_batch(global_batch, mesh, "evaluation")
-  source = shards.open_shards(shards.spec_dir(workdir, split, spec))
   n = len(source)
   if n == 0:
     return
@@ -170,7 +175,10 @@ def eval_batches(workdir: str | os.PathLike[str], split: str, spec: str, global_
 
 def local_eval_batches(source: Any, start: int, stop: int, local_batch: int,
                        num_batches: int) -> Iterator[dict[str, np.ndarray]]:
-  """Records [start, stop) of `source` in order, as `num_batches` numpy batches padded with mask False."""
+  """Records [start, stop) of `source` in order, as `num_batches` numpy batches padded with mask False.
+
+  A record with a negative label (an external file that could not be read) is masked like padding.
+  """
   reader = _BatchReader([source], {k: k for k in ("label", "bin", "bitstream_bin")})
   ds = grain.MapDataset.range(start, stop).batch(local_batch).map_with_index(reader)
   it = iter(ds.to_iter_dataset(_READ))
@@ -178,7 +186,7 @@ def local_eval_batches(source: Any, start: int, stop: int, local_batch: int,
   for _ in range(num_batches):
     batch = next(it, None)
     if batch is not None:
-      batch["mask"] = np.ones(len(batch["label"]), bool)
+      batch["mask"] = batch["label"] >= 0
     yield _pad(batch, local_batch, shape)
 
 

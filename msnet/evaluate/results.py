@@ -105,18 +105,21 @@ def append_cell(path: pathlib.Path, cell: dict[str, Any]) -> None:
     f.flush()
 
 
-def correct_path(eval_dir: pathlib.Path, spec: str) -> pathlib.Path:
-  return eval_dir / CORRECT_DIR / f"{degradations.spec_slug(spec)}.npz"
+def correct_path(eval_dir: pathlib.Path, spec: str, slug: str | None = None) -> pathlib.Path:
+  """The per-image file of a spec; `slug` names the file of a cell that is no degradation spec (an external
+  set's "gaussian_noise:3")."""
+  return eval_dir / CORRECT_DIR / f"{slug or degradations.spec_slug(spec)}.npz"
 
 
-def write_correct(eval_dir: pathlib.Path, spec: str, correct: dict[str, np.ndarray]) -> None:
+def write_correct(eval_dir: pathlib.Path, spec: str, correct: dict[str, np.ndarray], slug: str | None = None
+                  ) -> None:
   """W/eval/correct/<spec slug>.npz: every method's top-1 per record of one spec, packed 8 to a byte.
 
   Keys: "spec" (canonical), "n" and "top1.<method>" (np.packbits of bool [n], record order); read by
   msnet.report.stats.load_correct. Written whole before the spec's cells.jsonl line, so a logged cell
   always has its file.
   """
-  path = correct_path(eval_dir, spec)
+  path = correct_path(eval_dir, spec, slug)
   path.parent.mkdir(parents=True, exist_ok=True)
   n = {len(v) for v in correct.values()}
   if len(n) != 1:

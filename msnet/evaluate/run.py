@@ -6,7 +6,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import ml_collections
@@ -45,14 +45,31 @@ def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec
                   mesh: Any, total_batches: int | None) -> dict[str, Any]:
   """All methods on one spec's eval shards -> the spec's cell: counts per method, the bin confusions and, under
   "correct", each method's top-1 per record in record order (bool [n]; the counts' per-image form)."""
+  batches = loader.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh)
+  out = evaluate_batches(config, groups, mesh, batches, total_batches, spec)
+  n, bit_conf, conf = out["n"], out["bitstream_confusion"], out["master_confusion"]
+  master: dict[str, Any] = dict(
+      n=n, true_bin=degradations.bin_of(spec, [list(b.match) for b in config.bins]),
+      master_accuracy=None, master_confusion=None,
+      bitstream_accuracy=float(np.trace(bit_conf)) / n if n else None, bitstream_confusion=bit_conf.tolist())
+  if conf is not None:
+    master.update(master_accuracy=float(np.trace(conf)) / n if n else None, master_confusion=conf.tolist())
+  return dict(spec=spec, counts=out["counts"], master=master, correct=out["correct"])
+
+
+def evaluate_batches(config: ml_collections.ConfigDict, groups: Groups, mesh: Any,
+                     batches: Iterable[dict[str, jax.Array]], total_batches: int | None, desc: str) -> dict[str, Any]:
+  """All methods on a stream of global batches (`loader.eval_batches`' keys) -> "counts" per method, "n", the
+  master's and the bitstream's bin confusions (int [K, K], rows = the batches' "bin"; the master's None without
+  it) and "correct": each method's top-1 per unmasked record, in order."""
   num_bins = len(config.bins)
   repl = parallel.replicated(mesh)
   outputs = groups.layout.outputs
   acc = jax.device_put(zeros(max(len(outputs), 1), num_bins), repl)
   acc_single = {m: jax.device_put(zeros(1), repl) for m in groups.single}
   per_batch: list[tuple[list[jax.Array], jax.Array]] = []  # fetched once at the end: the loop never waits on the device
-  bar = tqdm.tqdm(total=total_batches, desc=spec, unit="batch", leave=False, disable=jax.process_index() != 0)
-  for batch in loader.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh):
+  bar = tqdm.tqdm(total=total_batches, desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0)
+  for batch in batches:
     batch = {k: batch[k] for k in BATCH_KEYS}
     acc, top1 = groups.shared_step(acc, *groups.shared_args, batch)
     per_image = [top1]
@@ -69,15 +86,8 @@ def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec
             for i, m in enumerate(outputs)}
   counts.update({m: dict(correct1=int(v["correct1"][0]), correct5=int(v["correct5"][0]), n=int(v["n"]))
                  for m, v in own.items()})
-  bit_conf = shared["bitstream_confusion"].astype(int)
-  master: dict[str, Any] = dict(
-      n=n, true_bin=degradations.bin_of(spec, [list(b.match) for b in config.bins]),
-      master_accuracy=None, master_confusion=None,
-      bitstream_accuracy=float(np.trace(bit_conf)) / n if n else None, bitstream_confusion=bit_conf.tolist())
-  if groups.layout.master:
-    conf = shared["master_confusion"].astype(int)
-    master.update(master_accuracy=float(np.trace(conf)) / n if n else None, master_confusion=conf.tolist())
-  return dict(spec=spec, counts=counts, master=master, correct=correct)
+  return dict(counts=counts, n=n, correct=correct, bitstream_confusion=shared["bitstream_confusion"].astype(int),
+              master_confusion=shared["master_confusion"].astype(int) if groups.layout.master else None)
 
 
 def _per_image(per_batch: list[tuple[list[jax.Array], jax.Array]], names: list[str], mesh: Any
