@@ -4,6 +4,8 @@
   msnet show     --workdir=W --spec=jpeg:10 --n=16 --out=grid.png
   msnet train    --config=... --workdir=W [--stage=baseline]   (all stages when --stage is not given)
   msnet evaluate --config=... --workdir=W
+  msnet evaluate --workdir=W --external=PATH [--layout=imagenet-c|cifar10-c|folder] [--name=N]
+                 (every trained method on a set W did not make: W/eval/external/<name>/, msnet/evaluate/external.py)
   msnet report   --config=... --workdir=W
   msnet report   --workdir=OUT --runs=W1,W2,W3 (one report over runs of one config with different seeds)
   msnet run      --config=... --workdir=W     (degrade -> train stages -> evaluate -> report)
@@ -69,6 +71,12 @@ _TOP = flags.DEFINE_integer("top", 5, "predict: the N most probable classes of e
 _JSON = flags.DEFINE_bool("json", False, "predict: one JSON object per file instead of a text line.")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "export: the platforms the artifact runs on, e.g. cpu,cuda,tpu "
                                "(default: this machine's).")
+_EXTERNAL = flags.DEFINE_string("external", None, "evaluate: the directory of a benchmark set the workdir did not "
+                                "make (ImageNet-C, CIFAR-10-C, <class>/<file>); results in W/eval/external/<name>/.")
+_LAYOUT = flags.DEFINE_string("layout", None, "evaluate --external: imagenet-c, cifar10-c or folder (default: "
+                              "detected from the files).")
+_NAME = flags.DEFINE_string("name", None, "evaluate --external: the results' directory under W/eval/external/ "
+                            "(default: the set directory's name).")
 _RUNS = flags.DEFINE_list("runs", None, "report: one report in --workdir over these workdirs (runs of one config "
                           "with different seeds): per-seed Table 1, mean +- sd, intervals over the pooled images.")
 
@@ -243,6 +251,9 @@ def _run(command: str, workdir: pathlib.Path, logs: _LibraryLogs, paths: list[st
     from msnet import report  # noqa: PLC0415
     print(f"[msnet] report: {report.run_runs_report(_RUNS.value, workdir)}", file=sys.stderr)
     return
+  if ((_LAYOUT.value or _NAME.value) and not _EXTERNAL.value) or (_EXTERNAL.value and command != "evaluate"):
+    raise errors.InvalidInputError("--external, --layout and --name belong to `msnet evaluate --external=PATH`; "
+                                   "give --external=PATH to evaluate with --layout or --name")
   if command in ("predict", "export"):
     _use_trained(command, workdir, logs, paths)
     return
@@ -263,6 +274,9 @@ def _run(command: str, workdir: pathlib.Path, logs: _LibraryLogs, paths: list[st
     pipeline.show(cfg, workdir, spec=_SPEC.value, n=_N.value, out=out, split=_SPLIT.value)
   elif command == "train":
     pipeline.train(cfg, workdir, stages=_STAGE.value)
+  elif command == "evaluate" and _EXTERNAL.value:
+    from msnet.evaluate import external  # noqa: PLC0415
+    external.run_external(cfg, workdir, _EXTERNAL.value, layout=_LAYOUT.value, name=_NAME.value)
   elif command == "evaluate":
     pipeline.evaluate(cfg, workdir)
   elif command == "report":

@@ -37,16 +37,21 @@ Outputs (process 0 writes):
                        bitstream_accuracy, bitstream_confusion}}}; confusion rows = true bin.
   W/eval/receptive_fields.json  [{arch, variant, layers: [{layer, rf, stride}]}] for the report's Fig. 1c
                        (the report imports no model code).
+
+`msnet evaluate --external=PATH` (external.py) runs the same groups and steps (`evaluate_batches`) over a
+benchmark set read from its own files (ImageNet-C, CIFAR-10-C, <class>/<file>) into W/eval/external/<name>/,
+with the same row fields (kind = corruption, level = severity), leaving W/data and the files above alone.
 """
 
+from msnet.evaluate.external import run_external
 from msnet.evaluate.groups import Groups, build_groups
 from msnet.evaluate.plan import ROUTED, Plan, make_plan, method_names, spec_plan, stage_done
 from msnet.evaluate.results import (ROW_FIELDS, correct_path, read_cells, rows_of, skipped_records, spec_fields,
                                    spec_stats, wilson, write_correct, write_results)
-from msnet.evaluate.run import evaluate_spec, run_evaluate
+from msnet.evaluate.run import evaluate_batches, evaluate_spec, run_evaluate
 from msnet.evaluate.steps import Layout, make_shared_step, make_single_step
 
-__all__ = ["ROUTED", "ROW_FIELDS", "Groups", "Layout", "Plan", "build_groups", "correct_path", "evaluate_spec",
-           "make_plan", "make_shared_step", "make_single_step", "method_names", "read_cells", "rows_of",
-           "run_evaluate", "skipped_records", "spec_fields", "spec_plan", "spec_stats", "stage_done", "wilson",
-           "write_correct", "write_results"]
+__all__ = ["ROUTED", "ROW_FIELDS", "Groups", "Layout", "Plan", "build_groups", "correct_path", "evaluate_batches",
+           "evaluate_spec", "make_plan", "make_shared_step", "make_single_step", "method_names", "read_cells",
+           "rows_of", "run_evaluate", "run_external", "skipped_records", "spec_fields", "spec_plan", "spec_stats",
+           "stage_done", "wilson", "write_correct", "write_results"]

@@ -13,6 +13,7 @@ import numpy as np
 from msnet import errors
 from msnet.report import figures, stats, tables
 from msnet.report.claims import claims_section
+from msnet.report.external import external_sections
 from msnet.report.sections import (TABLE1_FIELDS, ce_section, figure, master_section, n_text, pct, plural,
                                    sweep_tables, table1_section, table1_with_intervals, wall_section, write_csv)
 
@@ -89,6 +90,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: Any) -> pathlib.Path:
 
   lines += claims_section(rows, t1, boot)
   lines += ce_section(rows, sweeps, out)
+  lines += external_sections(workdir / "eval", out)
   lines += master_section(_read_json(workdir / "eval" / "master.json"), out)
   lines += sweep_tables(rows, sweeps)
   lines += wall_section(workdir / "train")
