@@ -79,7 +79,8 @@ def export(workdir: Any, rule: str, out: Any, platforms: Sequence[str] | None = 
           "output": {"probs": {"shape": ["b", int(config.data.num_classes)], "dtype": "float32"}},
           "preprocessing": _preprocessing(config), "platforms": list(exported.platforms),
           "msnet_version": msnet.__version__, "jax_version": jax.__version__,
-          "load": f"jax.export.deserialize(open('{ARTIFACT}', 'rb').read()).call(images{', bins' if with_bins else ''})"}
+          "load": f"jax.export.deserialize(open('{ARTIFACT}', 'rb').read()).call(images"
+                  + (", bins)" if with_bins else ")")}
   (out / META).write_text(json.dumps(meta, indent=1) + "\n")
   return out
 

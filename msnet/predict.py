@@ -7,9 +7,9 @@ rule needs is `evaluate.make_plan`'s answer, so a rule runs here exactly when ev
 probabilities are computed by the same models and `msnet.decision` functions.
 
 Params are loaded on a rule's first use (bitstream loads no master), placed on the config's mesh and run
-in one jitted function per rule. Batches are padded to a few bucket sizes (powers of two, multiples of the
-mesh's data axis, capped at `max_batch`; larger inputs are chunked), so any batch size compiles at most
-`len(buckets)` programs per rule; every op is per image (no batch statistics), so padding rows cannot
+in one jitted function per rule. Batches are padded to a few bucket sizes (powers of two from 8, multiples
+of the mesh's data axis, capped at `max_batch`; larger inputs are chunked), so any batch size compiles at
+most `len(buckets)` programs per rule; every op is per image (no batch statistics), so padding rows cannot
 change the real rows, and they are dropped. One process: the arrays are put from and fetched to this host.
 """
 
@@ -111,11 +111,11 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
   return rules
 
 
-def buckets(max_batch: int, data_size: int) -> list[int]:
-  """Padded batch sizes: powers of two rounded up to a multiple of the mesh's data axis, up to max_batch
-  (itself rounded up)."""
+def buckets(max_batch: int, data_size: int, smallest: int = 8) -> list[int]:
+  """Padded batch sizes: powers of two from `smallest` (a few padded rows cost less than one more compile),
+  rounded up to a multiple of the mesh's data axis, up to max_batch (itself rounded up)."""
   cap = -(-max_batch // data_size) * data_size
-  sizes, n = [], 1
+  sizes, n = [], smallest
   while True:
     size = min(-(-n // data_size) * data_size, cap)
     if not sizes or size != sizes[-1]:
@@ -286,7 +286,7 @@ def load(workdir: Any, rules: Sequence[str] | None = None, max_batch: int | None
   """A Predictor over workdir W: W/config.json, the manifest's class names and, for each of `rules`, its
   params now (None: each rule's on its first `predict`). `max_batch` (default config.evaluate.global_batch)
   caps the images per device call."""
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()  # orbax restores from absolute paths only
   saved = workdir / "config.json"
   if not saved.exists():
     raise errors.MissingInputError(f"{saved} not found: {workdir} is not an msnet workdir, or nothing has run in "

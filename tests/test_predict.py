@@ -69,7 +69,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   base = _random_params(single, rng)
   params = {"baseline": base, "master": _random_params(master, rng),
-            **{s: dict(_random_params(single, rng), trunk=base["trunk"]) for s in ("branch_jpeg", "branch_jp2k", "da_fc8")}}
+            **{s: dict(_random_params(single, rng), trunk=base["trunk"])
+               for s in ("branch_jpeg", "branch_jp2k", "da_fc8")}}
   for stage, p in params.items():
     _save_stage(workdir, stage, p)
   mask = np.ones(base["trunk"]["conv4_3"]["bias"].shape, np.float32)
@@ -191,9 +192,12 @@ def test_jp2_container_counts_the_codestream_only(tmp_path: pathlib.Path) -> Non
   assert read.bitstream == {"codec": "jp2k", "bpp": len(codestream) * 8 / 64 ** 2}
 
 
-def test_any_batch_size_compiles_per_bucket_only(setup: dict[str, Any]) -> None:
-  p = msnet.load(setup["workdir"], rules=["baseline"])
+def test_any_batch_size_compiles_per_bucket_only(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+  monkeypatch.chdir(setup["workdir"].parent)
+  p = msnet.load(setup["workdir"].name, rules=["baseline"])  # a relative workdir
   assert p.buckets == [8, 16]
+  assert predict.buckets(256, 1) == [8, 16, 32, 64, 128, 256]
+  assert predict.buckets(100, 3) == [9, 18, 33, 66, 102] and predict.buckets(4, 1) == [4]
   x = _images(37, seed=5)
   ref = setup["reference"]("baseline", x)
   for n in (1, 3, 8, 9, 16, 20, 37):
@@ -207,8 +211,8 @@ def test_other_sizes_are_shaped_as_the_sources(setup: dict[str, Any], predictor:
   rng = np.random.default_rng(6)
   images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), rng.integers(0, 256, (36, 33), dtype=np.uint8),
             rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)]
-  expected = np.stack([sources._shape(images[0], 32, 0, "a"), sources._shape(np.repeat(images[1][..., None], 3, 2), 32, 0, "b"),
-                       images[2][..., :3]])
+  grey = np.repeat(images[1][..., None], 3, 2)
+  expected = np.stack([sources._shape(images[0], 32, 0, "a"), sources._shape(grey, 32, 0, "b"), images[2][..., :3]])
   out = predictor.predict(images, rule="baseline")
   _check(out, setup["reference"]("baseline", expected), "shaped")
   with pytest.raises(sources.ImageTooSmallError, match=r"images\[0\]: image is 20x40.*resize_shorter"):
@@ -271,8 +275,8 @@ def test_cli_predict(setup: dict[str, Any], tmp_path: pathlib.Path) -> None:
   PIL.Image.fromarray(_images(1)[0]).save(tmp_path / "a.png")
   (tmp_path / "b.jpg").write_bytes(codecs.jpeg_encode(_images(1, seed=7)[0], 10, "420"))
   (tmp_path / "c.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-  run = lambda *a: subprocess.run([sys.executable, "-m", "msnet.cli", "predict", f"--workdir={setup['workdir']}", *a],  # noqa: E731
-                                  capture_output=True, text=True, timeout=600)
+  cli = [sys.executable, "-m", "msnet.cli", "predict", f"--workdir={setup['workdir']}"]
+  run = lambda *a: subprocess.run([*cli, *a], capture_output=True, text=True, timeout=600)  # noqa: E731
   proc = run("--rule=bitstream", "--top=2", "--json", str(tmp_path))
   assert proc.returncode == files.SKIPPED_EXIT_CODE, proc.stderr[-2000:]
   records = [json.loads(line) for line in proc.stdout.splitlines()]
