@@ -31,7 +31,9 @@ Outputs in W/eval/external/<name>/ (process 0 writes):
                 wall_s.
   results.csv   the same rows.
   cells.jsonl   the resume log: a cell is skipped by a rerun when its line has the same methods, source and
-                record count and its per-image file exists.
+                record count and its per-image file exists. A line also holds skipped_files (the unreadable
+                files process 0 met; every process names its own on stderr) and routing: images per bin by
+                their bitstream, and as the master routed them (null without a master).
   correct/<corruption>-<severity>.npz  every method's top-1 per readable image, in the cell's file order
                 (results.write_correct's format; msnet.report.stats.load_correct reads it).
 """
@@ -63,7 +65,7 @@ CIFAR10C_SEVERITIES = 5
 LABELS_FILE = "labels.npy"
 FOLDER_SPEC = "folder"
 EXTERNAL_DIR = "external"  # W/eval/external/<name>/
-NO_ORACLE = "no true bin on an external set (the bitstream rule reads each file's own)"
+NO_ORACLE = "no true bin on an external set; the bitstream rule reads each file's own"
 
 
 def _log(message: str) -> None:
@@ -341,7 +343,7 @@ def run_external(config: ml_collections.ConfigDict, workdir: Any, path: Any, lay
   todo = [c for c, d in zip(cells, done) if not d]
   if is_writer:
     _log(f"{name} ({layout}, {root}): {len(names)} methods x {len(cells)} cells ({len(cells) - len(todo)} already "
-         f"done); {NO_ORACLE.split(' (')[0]}: oracle left out")
+         f"done); oracle left out: {NO_ORACLE}")
 
   mesh = parallel.make_mesh(config.mesh)
   groups = build_groups(config, workdir, plan, mesh)
