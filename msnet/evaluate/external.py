@@ -320,10 +320,6 @@ def run_external(config: ml_collections.ConfigDict, workdir: Any, path: Any, lay
     raise errors.InvalidInputError(f"--name={name}: the results' directory name may hold letters, digits, '_', "
                                    "'-' and '.' only")
   layout, cells = open_set(root, layout, workdir_classes(workdir, config.data.eval_split), config)
-  out = workdir / "eval" / EXTERNAL_DIR / name
-  is_writer = jax.process_index() == 0
-  if is_writer:
-    out.mkdir(parents=True, exist_ok=True)
   plan = make_plan(config, workdir)
   if "oracle" in plan.routed:
     plan.routed.remove("oracle")
@@ -332,6 +328,10 @@ def run_external(config: ml_collections.ConfigDict, workdir: Any, path: Any, lay
   if not names:
     raise errors.MissingInputError("evaluate: no method can run (no training stage is complete); run `msnet train` "
                                    "first")
+  out = workdir / "eval" / EXTERNAL_DIR / name
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    out.mkdir(parents=True, exist_ok=True)
 
   logged = read_cells(out / "cells.jsonl")
   done = np.array([logged.get(c.spec, {}).get("methods") == sorted(names)
