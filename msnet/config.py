@@ -20,6 +20,9 @@ from msnet import errors
 GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability",
                           "alexnet_baseline")  # config.stages entries of the trained stages
 COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline")
+# The JPEG part of the transcode sweep (the JPEG 2000 part depends on the image size: `cifar_jp2k`).
+TRANSCODE_JPEG_SPECS = ("jpeg:10", "jpeg:90", "jpeg:10+jpeg:90", "jpeg:5+jpeg:75", "jpeg:90+jpeg:10",
+                        "jpeg:10+resize:0.5+jpeg:75")
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -71,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # Quality bins: the master's labels and the branches' training data. `match` rules say which specs
-  # belong to a bin (by their last codec and its level: JPEG quality, JPEG 2000 ratio); bin 0 takes
+  # belong to a bin (by their codec and its level: JPEG quality, JPEG 2000 ratio; a chain that encodes
+  # twice by its last codec in a degradation bin, see `degradations.bins`); bin 0 takes
   # every spec no other bin matches (clean, mild compression, noise, blur). Each codec's bin reaches the
   # strong end of its scale, beyond its training specs: JPEG quality 1-20 for a branch trained on 5-20,
   # JPEG 2000 from 80:1 upward (`inf`), so `jpeg:2` is a JPEG input for the oracle and the bitstream
@@ -97,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
       noise_jp2k=tuple(f"noise:10+jp2k:{r}" for r in (5, 20, 60, 100, 200)),
       blur_jpeg=tuple(f"blur:1@4+jpeg:{q}" for q in (5, 10, 20, 40, 70, 100)),
       blur_jp2k=tuple(f"blur:1@4+jp2k:{r}" for r in (5, 20, 60, 100, 200)),
+      # Images compressed more than once: a strong first encode behind a mild last one (which the bitstream
+      # rule reads as mild), the reverse, a resize in between, JPEG over JPEG 2000, and the single encodes
+      # they are compared with. Not in evaluate.sweeps by default: add "transcode" to evaluate it.
+      transcode=TRANSCODE_JPEG_SPECS + ("jp2k:100+jpeg:90", "jp2k:100"),
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -176,6 +184,7 @@ def cifar_jp2k(c: ml_collections.ConfigDict) -> None:
   c.sweeps.jp2k = tuple(f"jp2k:{r}" for r in (2, 4, 6, 8, 10, 12, 16, 20, 24))
   c.sweeps.noise_jp2k = tuple(f"noise:10+jp2k:{r}" for r in (4, 8, 12, 16, 24))
   c.sweeps.blur_jp2k = tuple(f"blur:1@4+jp2k:{r}" for r in (4, 8, 12, 16, 24))
+  c.sweeps.transcode = TRANSCODE_JPEG_SPECS + ("jp2k:20+jpeg:90", "jp2k:20")
 
 
 def alexnet_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -238,11 +247,13 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
   c.stages.deepcloak.num_examples = 64
   for b in c.bins:
     b.train_specs = b.train_specs[:1]
+  transcode = c.sweeps.transcode
   c.sweeps = ml_collections.ConfigDict({
       "clean": ("clean",), "jpeg": ("jpeg:10", "jpeg:50"), "jp2k": ("jp2k:8", "jp2k:16"),
       "noise": ("noise:20",), "blur": ("blur:1",), "noise_jpeg": ("noise:10+jpeg:10",),
       "blur_jpeg": ("blur:1@4+jpeg:10",)})
   c.evaluate.sweeps = tuple(c.sweeps.keys())
+  c.sweeps.transcode = transcode  # kept whole (a few specs) and, as in the full config, not evaluated by default
   c.train.global_batch = 32
   c.train.log_every_steps = 2
   c.train.checkpoint_every_steps = 2
@@ -301,7 +312,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _spec_ok(degradations, s, f"sweeps.{name}")
   for name in c.evaluate.sweeps:
     _check(name in c.sweeps, "evaluate.sweeps", f"{name!r} is not a sweep in config.sweeps {list(c.sweeps)}")
-  known_methods = {"baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "comparisons",
+  known_methods = {"baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid", "comparisons",
                    *COMPARISON_STAGES}
   for m in c.evaluate.methods:
     _check(m in known_methods, "evaluate.methods", f"{m!r} is not one of {sorted(known_methods)}")

@@ -137,19 +137,21 @@ SCALE_STRONG_END = {"jpeg": 1.0, "jp2k": math.inf}  # JPEG quality 1 is the stro
 
 
 def _expected_bin(spec: str, bins) -> int:
-  """The bin of a spec, computed apart from msnet.degradations: its last codec's kind and level against each
-  bin's range taken from the mild end of its rule (as written) to the strong end of the codec's scale."""
-  codecs = [op.split(":") for op in spec.split("+") if op.split(":")[0] in ("jpeg", "jp2k", "jp2k_psnr")]
-  if not codecs or codecs[-1][0] == "jp2k_psnr":
+  """The bin of a spec, computed apart from msnet.degradations: each codec op's kind and level against each
+  bin's range taken from the mild end of its rule (as written) to the strong end of the codec's scale; a chain
+  that encodes twice takes its last codec in a bin other than 0 (a mild re-encode hides no strong encode)."""
+  def codec_bin(kind: str, level: float) -> int:
+    for i, b in enumerate(bins):
+      for rule in b.match:
+        rule_kind, lo, hi = re.fullmatch(r"(\w+):([\d.]+)-([\d.]+|inf)", rule).groups()
+        mild_end = float(hi) if rule_kind == "jpeg" else float(lo)
+        if rule_kind == kind and (level <= mild_end if kind == "jpeg" else level >= mild_end):
+          return i
     return 0
-  kind, level = codecs[-1][0], float(codecs[-1][1].split("@")[0])
-  for i, b in enumerate(bins):
-    for rule in b.match:
-      rule_kind, lo, hi = re.fullmatch(r"(\w+):([\d.]+)-([\d.]+|inf)", rule).groups()
-      mild_end = float(hi) if rule_kind == "jpeg" else float(lo)
-      if rule_kind == kind and (level <= mild_end if kind == "jpeg" else level >= mild_end):
-        return i
-  return 0
+
+  codecs = [op.split(":") for op in spec.split("+") if op.split(":")[0] in ("jpeg", "jp2k")]
+  found = [codec_bin(kind, float(arg.split("@")[0])) for kind, arg in codecs]
+  return next((b for b in reversed(found) if b), 0)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -6,7 +6,7 @@
 from msnet.degradations.apply import apply, as_rgb_uint8, psnr
 from msnet.degradations.bins import BinRule, bin_of, bin_of_bitstream, parse_bin_rule
 from msnet.degradations.bitstream import estimate_jpeg_quality
-from msnet.degradations.spec import Blur, Clean, Jp2k, Jp2kPsnr, Jpeg, Noise, Op, Spec, parse, spec_slug
+from msnet.degradations.spec import Blur, Clean, Jp2k, Jp2kPsnr, Jpeg, Noise, Op, Resize, Spec, parse, spec_slug
 
 # Bumped whenever `apply` gives other pixels for the same spec, so that `msnet degrade` redoes shards
 # written before (their fingerprints include it). 2: `jp2k:R` by OpenJPEG's rate allocation in one
@@ -18,5 +18,5 @@ __all__ = [
     "apply", "as_rgb_uint8", "psnr",
     "BinRule", "bin_of", "bin_of_bitstream", "parse_bin_rule",
     "estimate_jpeg_quality",
-    "Blur", "Clean", "Jp2k", "Jp2kPsnr", "Jpeg", "Noise", "Op", "Spec", "parse", "spec_slug",
+    "Blur", "Clean", "Jp2k", "Jp2kPsnr", "Jpeg", "Noise", "Op", "Resize", "Spec", "parse", "spec_slug",
 ]

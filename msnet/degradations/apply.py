@@ -11,7 +11,8 @@ import numpy as np
 from msnet.degradations import codecs
 from msnet.degradations.bitstream import estimate_jpeg_quality
 from msnet.degradations.noise_blur import add_noise, gaussian_blur, stable_key
-from msnet.degradations.spec import Blur, Clean, Jp2k, Jp2kPsnr, Jpeg, Noise, Spec, parse
+from msnet.degradations.resize import resize_round_trip
+from msnet.degradations.spec import Blur, Clean, Jp2k, Jp2kPsnr, Jpeg, Noise, Resize, Spec, parse
 
 
 def as_rgb_uint8(image: Any) -> np.ndarray:
@@ -54,6 +55,8 @@ def apply(spec: str | Spec, image: np.ndarray, *, seed: int = 0, index: int = 0)
   info: `psnr` (dB against the input, inf if unchanged); for the last codec of the chain, if any:
   `codec` ("jpeg" | "jp2k"), `bpp` (codestream bits per pixel), `ratio` (raw RGB bytes / codestream
   bytes) and, for JPEG, `jpeg_quality` estimated from the bitstream's quantization tables; None otherwise.
+  A chain that encodes more than once (`jpeg:10+resize:0.5+jpeg:75`) reports only its last encode, which is
+  all a receiver of the file can read: the bitstream of `jpeg:10+jpeg:90` says quality 90.
   Noise depends only on (seed, index, the spec up to the noise op), never on process or call order.
   """
   spec = parse(spec)
@@ -70,6 +73,9 @@ def apply(spec: str | Spec, image: np.ndarray, *, seed: int = 0, index: int = 0)
       continue
     if isinstance(op, Blur):
       x = gaussian_blur(x, op.sigma, op.radius)
+      continue
+    if isinstance(op, Resize):
+      x = resize_round_trip(x, op.factor, op.resample)
       continue
     if isinstance(op, Jpeg):
       data = codecs.jpeg_encode(x, op.quality, op.subsampling)

@@ -1,9 +1,17 @@
 """Quality bins: the master network's label, from a spec or from what a receiver reads in the bitstream.
 
-A rule `kind:lo-hi` matches the last codec of a chain when its kind is `kind` and its level lies in
-[lo, hi]: for `jpeg` the IJG quality (1-100, 1 strongest), for `jp2k` the JPEG 2000 compression ratio R:1
-(`hi` may be `inf`, the strong end of that scale). Bin i holds a list of rules (any may match); bins are
-tried in order and the first match wins; bin 0 takes the rest (clean, noise, blur, codecs no rule matches).
+A rule `kind:lo-hi` matches a codec op when its kind is `kind` and its level lies in [lo, hi]: for `jpeg`
+the IJG quality (1-100, 1 strongest), for `jp2k` the JPEG 2000 compression ratio R:1 (`hi` may be `inf`,
+the strong end of that scale). Bin i holds a list of rules (any may match); bins are tried in order and the
+first match wins; bin 0 takes the rest (clean, noise, blur, codecs no rule matches).
+
+A chain that encodes more than once has two bins. `bin_of_bitstream` is what a receiver reads: the last
+encode only (`jpeg:10+jpeg:90` reads as quality 90, bin 0). `bin_of`, the true bin (the master's label and
+the oracle's route), is the degradation the image carries: the bin of the chain's last codec op that falls in
+a degradation bin (not bin 0), else 0. A mild re-encode does not remove a strong encode's artefacts, so
+`jpeg:10+jpeg:90` and `jpeg:10+resize:0.5+jpeg:75` are JPEG-bin images and `jp2k:20+jpeg:90` (at 32x32) a
+JPEG 2000 one; of two strong encodes the later one's artefacts lie on top, so `jp2k:20+jpeg:10` is JPEG's.
+For chains with one codec both are the last codec's bin, as before.
 A bin with no rules never matches by rule. Configs extend a codec's strongest bin to the strong end of its
 scale (`jpeg:1-20`, `jp2k:80-inf`): a spec stronger than any bin's training range is still that codec's
 degradation, and sending it to the clean bin would make the oracle no upper bound. `check_disjoint`
@@ -71,14 +79,20 @@ def _first_match(kind: str | None, level: float | None, bin_rules: Iterable[Iter
   return 0
 
 
-def bin_of(spec: str | Spec, bin_rules: Iterable[Iterable[str]]) -> int:
-  """Bin of a spec by its last codec op and nominal level (`jp2k_psnr` has no ratio: no rule matches it)."""
-  op = parse(spec).last_codec
+def _codec_bin(op: object, bin_rules: Sequence[Sequence[str]]) -> int:
+  """Bin of one op by its nominal level; 0 for ops that are no codec (`jp2k_psnr` has no ratio: no rule)."""
   if isinstance(op, Jpeg):
     return _first_match("jpeg", op.quality, bin_rules)
   if isinstance(op, Jp2k):
     return _first_match("jp2k", op.ratio, bin_rules)
   return 0
+
+
+def bin_of(spec: str | Spec, bin_rules: Iterable[Iterable[str]]) -> int:
+  """The true bin of a spec: that of its last codec op in a degradation bin (a strong first encode is not
+  hidden by a mild last one), else 0."""
+  rules = [list(r) for r in bin_rules]
+  return next((b for b in (_codec_bin(op, rules) for op in reversed(parse(spec).ops)) if b != 0), 0)
 
 
 def bin_of_bitstream(info: Mapping[str, Any], bin_rules: Iterable[Iterable[str]]) -> int:

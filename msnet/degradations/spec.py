@@ -7,9 +7,18 @@ Grammar (ops compose left to right with `+`):
   `jp2k_psnr:P`                JPEG 2000 at OpenJPEG's fixed-quality target PSNR P dB (P > 0)
   `noise:S`                    additive Gaussian noise, sigma S >= 0 on the 0-255 scale
   `blur:S` `blur:S@R`          Gaussian blur, sigma S > 0, kernel radius R >= 1 (default 4, as in the paper)
+  `resize:F` `resize:F@FILTER`  scale by F in (0, 4] with Pillow's FILTER, then back to the original size with
+                               the same filter (default bicubic; nearest, box, bilinear, hamming, bicubic, lanczos)
 
-`str(spec)` is canonical: numbers without trailing `.0`, the jpeg default `@420` left out and the blur
-radius always written (`blur:1` -> `blur:1@4`), so equal specs have one string and one `spec_slug`.
+`resize` is what a photo meets between two encodes on the web (a thumbnail or a re-upload scaled down and shown
+at its old size), so chains such as `jpeg:10+resize:0.5+jpeg:75` can be written. The intermediate size is
+round-half-up(F x side), at least 1 pixel; both steps are Pillow's `Image.resize` on the RGB image with the named
+filter (`resize:0.5` = bicubic to half size, bicubic back), so the pixels equal Pillow's exactly and no random
+numbers are involved. F > 1 scales up first and back down (an interpolation round trip); F = 1 is the identity.
+
+`str(spec)` is canonical: numbers without trailing `.0`, the jpeg default `@420` and the resize default
+`@bicubic` left out and the blur radius always written (`blur:1` -> `blur:1@4`), so equal specs have one
+string and one `spec_slug`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import re
 from typing import ClassVar, Union
 
 SUBSAMPLINGS = ("420", "422", "444")
+RESIZE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")  # Pillow's Resampling names
+MAX_RESIZE_FACTOR = 4.0  # up to 16x the pixels in the intermediate image; more is no longer a round trip
 
 
 def _num(x: float) -> str:
@@ -122,7 +133,25 @@ class Blur:
     return f"blur:{_num(self.sigma)}@{self.radius}"
 
 
-Op = Union[Clean, Jpeg, Jp2k, Jp2kPsnr, Noise, Blur]
+@dataclasses.dataclass(frozen=True)
+class Resize:
+  """Scale by `factor` with Pillow's `resample` filter, then back to the original size with the same filter."""
+  factor: float
+  resample: str = "bicubic"
+  name: ClassVar[str] = "resize"
+
+  def __post_init__(self):
+    _set_level(self, "factor", "resize factor", 0)
+    if self.factor > MAX_RESIZE_FACTOR:
+      raise ValueError(f"resize factor must be <= {_num(MAX_RESIZE_FACTOR)} (a scale and back), got {self.factor!r}")
+    if self.resample not in RESIZE_FILTERS:
+      raise ValueError(f"resize filter must be one of {RESIZE_FILTERS}, got {self.resample!r}")
+
+  def __str__(self) -> str:
+    return f"resize:{_num(self.factor)}" + ("" if self.resample == "bicubic" else f"@{self.resample}")
+
+
+Op = Union[Clean, Jpeg, Jp2k, Jp2kPsnr, Noise, Blur, Resize]
 CODECS = (Jpeg, Jp2k, Jp2kPsnr)
 
 
@@ -148,7 +177,7 @@ class Spec:
 
 
 _NUMBER = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
-_KNOWN = "clean, jpeg:Q[@420|422|444], jp2k:R, jp2k_psnr:P, noise:S, blur:S[@R]"
+_KNOWN = "clean, jpeg:Q[@420|422|444], jp2k:R, jp2k_psnr:P, noise:S, blur:S[@R], resize:F[@FILTER]"
 
 
 def _parse_op(token: str, spec: str) -> Op:
@@ -158,12 +187,12 @@ def _parse_op(token: str, spec: str) -> Op:
     if colon:
       raise ValueError(f"'clean' takes no level, got {token!r} {where}")
     return Clean()
-  if name not in ("jpeg", "jp2k", "jp2k_psnr", "noise", "blur"):
+  if name not in ("jpeg", "jp2k", "jp2k_psnr", "noise", "blur", "resize"):
     raise ValueError(f"unknown degradation {name!r} {where}; known: {_KNOWN}")
   level, at, extra = arg.partition("@")
   if not re.fullmatch(_NUMBER, level):
     raise ValueError(f"{name} needs a non-negative number level ({name}:<level>), got {token!r} {where}")
-  if at and name not in ("jpeg", "blur"):
+  if at and name not in ("jpeg", "blur", "resize"):
     raise ValueError(f"{name} takes no '@' option, got {token!r} {where}")
   try:
     if name == "jpeg":
@@ -176,6 +205,8 @@ def _parse_op(token: str, spec: str) -> Op:
       return Jp2kPsnr(float(level))
     if name == "noise":
       return Noise(float(level))
+    if name == "resize":
+      return Resize(float(level), extra if at else "bicubic")
     if at and not re.fullmatch(r"[0-9]+", extra):
       raise ValueError(f"blur radius must be an integer >= 1, got {extra!r}")
     return Blur(float(level), int(extra) if at else 4)
@@ -212,6 +243,6 @@ def spec_slug(spec: str | Spec) -> str:
   for op in parse(spec).ops:
     name, _, rest = str(op).partition(":")
     level, at, option = rest.partition("@")
-    sep = {"blur": "r", "jpeg": "s"}.get(name, "") if at else ""
+    sep = {"blur": "r", "jpeg": "s", "resize": "f"}.get(name, "") if at else ""
     parts.append(_SLUG_OP.get(name, name) + (f"-{level}{sep}{option}" if rest else ""))
   return "_".join(parts).replace(".", "p").replace("+", "")
