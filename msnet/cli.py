@@ -66,7 +66,8 @@ _N = flags.DEFINE_integer("n", 16, "show: number of examples.")
 _OUT = flags.DEFINE_string("out", None, "show: output PNG path (default: W/show-<spec>.png); export: the output "
                            "directory.")
 _RULE = flags.DEFINE_string("rule", "ms", "predict, export: the decision rule or single network (ms, ams, map, "
-                            "bitstream, oracle (export only), branch_<bin>, baseline, da_fc8, stability, ...).")
+                            "bitstream, hybrid, oracle (export only), branch_<bin>, baseline, da_fc8, stability, "
+                            "...).")
 _TOP = flags.DEFINE_integer("top", 5, "predict: the N most probable classes of each file.")
 _JSON = flags.DEFINE_bool("json", False, "predict: one JSON object per file instead of a text line.")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "export: the platforms the artifact runs on, e.g. cpu,cuda,tpu "

@@ -9,6 +9,9 @@ branch_logits [K, B, C] are the slave's vmapped outputs, master_logits [B, K] th
 - `map_rule`: sum_k p(bin k | x) p_k(y | x), the full posterior the paper left out for cost.
 - `oracle`: the branch of the given bin (the true bin: an upper bound; the bitstream's bin: the
   "bitstream" rule). Bins outside [0, K) give NaN rows rather than a silently wrong branch.
+- `hybrid`: the bitstream's branch when the bitstream's bin is a degradation bin (not 0), else MS's. The
+  bitstream reads only the last encode: a strong last codec is certain, but a mild one may hide a strong
+  earlier encode (`jpeg:10+jpeg:90` reads as quality 90) that only the master, which sees pixels, can find.
 """
 
 from __future__ import annotations
@@ -60,3 +63,14 @@ def oracle(branch_logits: Array, bins: Array) -> Array:
   if bins.shape != branch_logits.shape[1:2]:
     raise ValueError(f"bins must be [B] = {branch_logits.shape[1:2]}, got {bins.shape}")
   return _pick(jax.nn.softmax(branch_logits.astype(jnp.float32), axis=-1), bins)
+
+
+@jax.jit
+def hybrid(branch_logits: Array, master_logits: Array, bitstream_bins: Array) -> Array:
+  """The bitstream's branch where it names a degradation bin, else MS's: the last encode's reading is exact
+  when that encode is strong, and only the master sees a strong encode behind a mild one."""
+  _check(branch_logits, master_logits)
+  if bitstream_bins.shape != branch_logits.shape[1:2]:
+    raise ValueError(f"bitstream_bins must be [B] = {branch_logits.shape[1:2]}, got {bitstream_bins.shape}")
+  route = jnp.where(bitstream_bins != 0, bitstream_bins, jnp.argmax(master_logits, axis=-1))
+  return _pick(jax.nn.softmax(branch_logits.astype(jnp.float32), axis=-1), route)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import msnet
-from msnet import errors, models, predict
+from msnet import errors, files, models, predict
 
 ARTIFACT = "model.jaxexport"
 META = "export.json"
@@ -73,7 +73,7 @@ def export(workdir: Any, rule: str, out: Any, platforms: Sequence[str] | None = 
   if with_bins:
     inputs["bins"] = {"shape": ["b"], "dtype": "int32", "values": "the bin index of each image in bin_names: the "
                       + ("bin read from its bitstream (msnet.files.read_image, degradations.bin_of_bitstream)"
-                         if rule == "bitstream" else "true bin")}
+                         if rule in files.BITSTREAM_RULES else "true bin")}
   meta = {"rule": rule, "artifact": ARTIFACT, "class_names": predictor.class_names, "bin_names": predictor.bin_names,
           "input_size": size, "inputs": inputs,
           "output": {"probs": {"shape": ["b", int(config.data.num_classes)], "dtype": "float32"}},

@@ -38,6 +38,7 @@ JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 JPEG2000_SUFFIXES = (".jp2", ".j2k", ".jpx", ".j2c", ".jpc")
 LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF", "PPM", "GIF", "TGA", "QOI")
 SKIPPED_EXIT_CODE = 3  # `msnet predict` classified the readable files but skipped some
+BITSTREAM_RULES = ("bitstream", "hybrid")  # the rules whose bins are read from each file's bitstream
 
 
 @dataclasses.dataclass
@@ -177,10 +178,12 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike[str]],
     bar.update(len(files[lo:lo + batch]))
     if not good:
       continue
-    bins = [degradations.bin_of_bitstream(f.bitstream, rules) for f in good] if rule == "bitstream" else None
+    bins = ([degradations.bin_of_bitstream(f.bitstream, rules) for f in good]
+            if rule in BITSTREAM_RULES else None)
     result = predictor.predict(np.stack(shaped), rule=rule, top_k=top, bins=bins)
     for i, f in enumerate(good):
-      source = f.source if rule == "bitstream" else "master" if result["bin_probs"] is not None else "-"
+      source = (f.source if rule == "bitstream" or (rule == "hybrid" and bins[i] != 0)
+                else "master" if result["bin_probs"] is not None else "-")
       record = _record(predictor, f, result, i, source)
       print(json.dumps(record) if as_json else _line(record), file=out, flush=True)
     done += len(good)

@@ -1,7 +1,7 @@
 """Use a trained workdir outside the pipeline: `msnet.load(W).predict(images, rule="ms")`.
 
 A rule is a way to get class probabilities from the workdir's trained networks: every decision rule that
-`msnet evaluate` reports (ms, ams, map, oracle, bitstream, branch_<bin>) and every single network whose stage
+`msnet evaluate` reports (ms, ams, map, oracle, bitstream, hybrid, branch_<bin>) and every single network whose stage
 was trained (baseline, da_fc8, da_fc67, da_fc678, stability, deepcloak, alexnet_baseline). Which stages a
 rule needs is `evaluate.make_plan`'s answer, so a rule runs here exactly when evaluate would run it, and its
 probabilities are computed by the same models and `msnet.decision` functions.
@@ -31,9 +31,9 @@ from msnet.data import shards
 from msnet.data.sources import _shape
 from msnet.evaluate import plan as plan_lib
 
-ROUTED_RULES = ("ms", "ams", "map", "oracle", "bitstream")
+ROUTED_RULES = ("ms", "ams", "map", "oracle", "bitstream", "hybrid")
 SINGLE_RULES = ("baseline", *config_lib.COMPARISON_STAGES)
-BIN_RULES = ("oracle", "bitstream")  # the bin of each image comes from outside: `bins` is required
+BIN_RULES = ("oracle", "bitstream", "hybrid")  # the bin of each image comes from outside: `bins` is required
 NO_BRANCH = -1  # `branch` of a single network
 
 
@@ -84,11 +84,15 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
     def fn(p, x, bins):
       logits = slave.apply({"params": p["slave"]}, x)  # [K, B, C]
       out = {"bin_probs": None}
-      if name in ("ms", "map"):
+      if name in plan_lib.MASTER_RULES:
         master_logits = master.apply({"params": p["master"]}, x)
         out["bin_probs"] = _softmax(master_logits)
         out["branch"] = jnp.argmax(master_logits, axis=-1).astype(jnp.int32)
-        out["probs"] = (decision.ms if name == "ms" else decision.map_rule)(logits, master_logits)
+        if name == "hybrid":
+          out["branch"] = jnp.where(bins != 0, bins.astype(jnp.int32), out["branch"])
+          out["probs"] = decision.hybrid(logits, master_logits, bins)
+        else:
+          out["probs"] = (decision.ms if name == "ms" else decision.map_rule)(logits, master_logits)
       elif name == "ams":
         out["probs"] = decision.ams(logits)
         top1 = jnp.argmax(out["probs"], axis=-1)
@@ -107,7 +111,7 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
   for k, b in enumerate(bin_names):
     rules[f"branch_{b}"] = _Rule("branches", ("slave",), branch(k))
   for name in ROUTED_RULES:
-    rules[name] = _Rule(name, ("slave", "master") if name in ("ms", "map") else ("slave",), routed(name))
+    rules[name] = _Rule(name, ("slave", "master") if name in plan_lib.MASTER_RULES else ("slave",), routed(name))
   return rules
 
 
@@ -239,9 +243,10 @@ class Predictor:
 
     Returns `probs` [B, C] float32, `top_k` [B, k] class indices by decreasing probability (ties: lower
     index) and `top_k_probs` [B, k], `branch` [B] int32 (the branch each image used: ms / map the master's
-    most probable bin, oracle / bitstream the given bin, ams the branch whose probability gave the top-1
-    class, branch_<bin> that bin, a single network -1) and `bin_probs` [B, K] (the master's softmax; None
-    for rules without a master). `bins` [B] is required by oracle and bitstream.
+    most probable bin, oracle / bitstream the given bin, hybrid the given bin where it is not 0 and else the
+    master's, ams the branch whose probability gave the top-1 class, branch_<bin> that bin, a single network
+    -1) and `bin_probs` [B, K] (the master's softmax; None for rules without a master). `bins` [B] is
+    required by oracle, bitstream and hybrid (the bitstream's bins).
     """
     params = self.params(rule)
     if top_k < 1:

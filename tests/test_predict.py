@@ -32,7 +32,8 @@ from msnet.degradations import codecs
 from test_evaluate import _random_params  # He-scaled random params from a module's shapes
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-RULES = ("baseline", "da_fc8", "deepcloak", "branch_clean", "branch_jp2k", "ms", "ams", "map", "oracle", "bitstream")
+RULES = ("baseline", "da_fc8", "deepcloak", "branch_clean", "branch_jp2k", "ms", "ams", "map", "oracle", "bitstream",
+         "hybrid")
 
 
 def _config() -> Any:
@@ -105,6 +106,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if rule == "ams":
       probs = branch.max(0)
       return probs, branch[:, rows, probs.argmax(-1)].argmax(0), None
+    if rule == "hybrid":  # the bitstream's bin where it is a degradation bin, else the master's
+      route = np.where(bins != 0, bins, pbin.argmax(-1))
+      return branch[route, rows], route, pbin
     return branch[bins, rows], bins, None
 
   return dict(workdir=workdir, cfg=cfg, reference=reference)

@@ -10,7 +10,8 @@ import ml_collections
 
 from msnet import config as config_lib, degradations
 
-ROUTED = ("branches", "ms", "ams", "map", "oracle", "bitstream")
+ROUTED = ("branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid")
+MASTER_RULES = ("ms", "map", "hybrid")  # the routed rules that read the master
 
 
 @dataclasses.dataclass
@@ -19,8 +20,8 @@ class Plan:
   single: list[str] = dataclasses.field(default_factory=list)   # K=1 networks: baseline, da_*, stability, deepcloak
   branches: bool = False        # report each branch of the slave alone
   slave: bool = False           # the assembled slave is needed (branches or a decision rule)
-  master: bool = False          # the master is needed (ms, map)
-  routed: list[str] = dataclasses.field(default_factory=list)   # decision rules: ms, ams, map, oracle, bitstream
+  master: bool = False          # the master is needed (MASTER_RULES)
+  routed: list[str] = dataclasses.field(default_factory=list)   # decision rules: ms, ams, map, oracle, ..., hybrid
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -35,7 +36,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Plan:
   absent = lambda stages: [s for s in stages if not stage_done(workdir, s)]  # noqa: E731
   for method in config_lib.evaluated_methods(config):
     if method in ROUTED:
-      need = branch_stages + (["master"] if method in ("ms", "map") else [])
+      need = branch_stages + (["master"] if method in MASTER_RULES else [])
     elif method == "deepcloak":
       need = ["baseline", "deepcloak"]
     else:
@@ -45,7 +46,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Plan:
       continue
     if method in ROUTED:
       plan.slave = True
-      plan.master |= method in ("ms", "map")
+      plan.master |= method in MASTER_RULES
       if method == "branches":
         plan.branches = True
       else:

@@ -59,7 +59,7 @@ class Layout:
   heads: names of the K=1 methods whose branch is stacked first in the params (baseline, da_*);
   slave: K when the assembled slave's branches follow them, else 0; branch_names: the `branch_<bin>`
   names reported for those branches ([] when "branches" is not evaluated); deepcloak: the baseline head
-  on masked features; master: MS/MAP need it; routed: the rules computed from the slave's logits.
+  on masked features; master: MS/MAP/hybrid need it; routed: the rules computed from the slave's logits.
   """
   heads: list[str]
   slave: int
@@ -110,7 +110,8 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
     rules = {"ms": lambda: decision.ms(slave, master_logits), "ams": lambda: decision.ams(slave),
              "map": lambda: decision.map_rule(slave, master_logits),
              "oracle": lambda: decision.oracle(slave, batch["bin"]),
-             "bitstream": lambda: decision.oracle(slave, batch["bitstream_bin"])}
+             "bitstream": lambda: decision.oracle(slave, batch["bitstream_bin"]),
+             "hybrid": lambda: decision.hybrid(slave, master_logits, batch["bitstream_bin"])}
     probs += [rules[r]()[None] for r in layout.routed]
     c1, c5, top1 = _counts(jnp.concatenate(probs, axis=0), batch["label"], mask)
     out["correct1"], out["correct5"] = acc["correct1"] + c1, acc["correct5"] + c5
