@@ -16,6 +16,7 @@ from msnet.report.claims import claims_section
 from msnet.report.external import external_sections
 from msnet.report.sections import (TABLE1_FIELDS, ce_section, figure, master_section, n_text, pct, plural,
                                    sweep_tables, table1_section, table1_with_intervals, wall_section, write_csv)
+from msnet.report.transcode import transcode_section
 
 Row = dict[str, Any]
 RESAMPLES = 2000  # paired bootstrap resamples for every interval of the report
@@ -90,8 +91,10 @@ def run_report(config: ml_collections.ConfigDict, workdir: Any) -> pathlib.Path:
 
   lines += claims_section(rows, t1, boot)
   lines += ce_section(rows, sweeps, out)
+  master = _read_json(workdir / "eval" / "master.json")
+  lines += transcode_section(rows, sweeps, master, boot, out)
   lines += external_sections(workdir / "eval", out)
-  lines += master_section(_read_json(workdir / "eval" / "master.json"), out)
+  lines += master_section(master, out)
   lines += sweep_tables(rows, sweeps)
   lines += wall_section(workdir / "train")
   figure(lines, "baseline_curve", figures.training_curve(workdir / "train" / "baseline" / "metrics.jsonl",
