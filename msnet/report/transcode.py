@@ -59,8 +59,8 @@ def chain_sentence(r: Mapping[str, Any]) -> str:
   if r["master_routed"] is None:
     return text + "; no master was evaluated."
   master_fails = r["master_routed"] < MOSTLY
-  text += (f"; the master {'fails too' if master_fails and bit_fails else 'fails' if master_fails else 'does not'}"
-           f" ({pct(r['master_routed'])})")
+  verb = ("fails too" if bit_fails else "fails") if master_fails else "does not fail"
+  text += f"; the master {verb}: it routes {pct(r['master_routed'])}"
   if math.isnan(r["ms_minus_bitstream"]):
     return text + "."
   verdict = stats.decide(dict(lo=r["ci_lo"], hi=r["ci_hi"]))
