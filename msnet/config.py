@@ -247,13 +247,14 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
   c.stages.deepcloak.num_examples = 64
   for b in c.bins:
     b.train_specs = b.train_specs[:1]
-  transcode = c.sweeps.transcode
+  transcode = c.sweeps.get("transcode")
   c.sweeps = ml_collections.ConfigDict({
       "clean": ("clean",), "jpeg": ("jpeg:10", "jpeg:50"), "jp2k": ("jp2k:8", "jp2k:16"),
       "noise": ("noise:20",), "blur": ("blur:1",), "noise_jpeg": ("noise:10+jpeg:10",),
       "blur_jpeg": ("blur:1@4+jpeg:10",)})
   c.evaluate.sweeps = tuple(c.sweeps.keys())
-  c.sweeps.transcode = transcode  # kept whole (a few specs) and, as in the full config, not evaluated by default
+  if transcode:  # kept whole (a few specs) and, as in the full config, not evaluated by default
+    c.sweeps.transcode = transcode
   c.train.global_batch = 32
   c.train.log_every_steps = 2
   c.train.checkpoint_every_steps = 2
