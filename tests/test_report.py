@@ -16,7 +16,7 @@ import pytest
 from msnet import config as config_lib
 from msnet import report
 from msnet.evaluate import results as eval_results
-from msnet.report import claims, sections, tables
+from msnet.report import claims, figures, sections, tables
 from msnet.report import run as report_run
 
 SWEEPS = {
@@ -297,3 +297,11 @@ def test_report_over_runs_rejects_one_run_and_other_test_sets(tmp_path: pathlib.
     eval_results.write_correct(b / "eval", spec, {m: np.ones(150, bool) for m in OFFSET})
   with pytest.raises(ValueError, match=r"different test sets \(.*a n=200, .*b n=150\)"):
     report.run_runs_report([a, b], tmp_path / "out")
+
+
+def test_fig4_leaves_transcode_chains_out(tmp_path: pathlib.Path) -> None:
+  """Fig. 4 is noise/blur before a codec: a re-encode or a resize before the last codec is not drawn there."""
+  transcoded = [dict(method="baseline", spec=spec, pre=pre, codec="jpeg", kind="jpeg", level=90.0, top1=0.5)
+                for spec, pre in (("jpeg:10+jpeg:90", "jpeg:10"), ("jpeg:10+resize:0.5+jpeg:90", "jpeg:10+resize:0.5"))]
+  assert figures.fig4(transcoded, tmp_path / "fig4.png").startswith("no combined-degradation rows")
+  assert not (tmp_path / "fig4.png").exists()

@@ -148,9 +148,16 @@ def fig3(rows: Sequence[Row], path: pathlib.Path) -> str | None:
                         "Decision rules over compression")
 
 
+FIG4_PRE = {"noise", "blur"}  # the pre-degradations of the paper's Fig. 4
+
+
 def fig4(rows: Sequence[Row], path: pathlib.Path, methods: Sequence[str] = ("baseline", "ms")) -> str | None:
-  """Combined degradations against the single ones (Fig. 4): one panel per (pre-degradation, codec)."""
-  chains = sorted({(r["pre"], r["codec"], r["kind"]) for r in rows if r["pre"] and r["codec"]})
+  """Combined degradations against the single ones (Fig. 4): one panel per (pre-degradation, codec).
+
+  Fig. 4 is noise or blur before a codec; chains that encode or resize before the last codec (the transcode
+  sweep) have a figure of their own."""
+  chains = sorted({(r["pre"], r["codec"], r["kind"]) for r in rows if r["pre"] and r["codec"]
+                   and {op.split(":")[0] for op in r["pre"].split("+")} <= FIG4_PRE})
   if not chains:
     return "no combined-degradation rows (sweeps like noise_jpeg, blur_jp2k) in the results"
   methods = [m for m in methods if any(r["method"] == m for r in rows)]
