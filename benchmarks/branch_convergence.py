@@ -5,7 +5,7 @@ MS and baseline per image on the same test records; the runs share the baseline,
 the branches'. Prints a markdown table: oracle and MS top-1 on the given specs, oracle % change at
 JPEG-10, and each run minus the previous one with its 95% paired bootstrap interval.
 
-  python benchmarks/branch_convergence.py --run 1500=benchmarks/results/reproduction/seed0 \
+  python benchmarks/branch_convergence.py --run 1500=benchmarks/results/reproduction/seed0-branch1500 \
       --run 3000=runs/branch3000 --run 6000=runs/branch6000 [--specs jpeg:10,jpeg:5,jp2k:24]
 """
 
