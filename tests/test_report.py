@@ -129,7 +129,7 @@ def test_report_writes_all_files(tmp_path: pathlib.Path) -> None:
     assert _is_png(out / f"{name}.png")
   assert not (out / "fig1b.png").exists()  # no AlexNet rows: said in words instead
   text = path.read_text()
-  assert "fig1b is not in this report" in text and "alexnet_baseline" in text
+  assert "fig1b is not in this report" in text and "add 'alexnet_baseline' to config.comparisons" in text
   assert "paper's numbers, not this run's" in text
   assert "`deepcloak`: stage deepcloak not trained" in text
   assert "stored as JPEG q75" in text  # the default source, embedded CIFAR-10, is said to be compressed already

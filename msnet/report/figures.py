@@ -111,9 +111,8 @@ def fig1b(rows: Sequence[Row], path: pathlib.Path) -> str | None:
   """VGG-16 (baseline) vs AlexNet over JPEG and JPEG 2000 (Fig. 1b); needs "alexnet_baseline" rows."""
   if not any(r["method"] == "alexnet_baseline" for r in rows):
     return ("this run has no AlexNet results (no rows of method 'alexnet_baseline' in W/eval/results.json): "
-            "the pipeline trains and evaluates one architecture per config, so the VGG-16 vs AlexNet "
-            "comparison needs a second run with model.arch='alexnet' whose baseline rows are renamed "
-            "'alexnet_baseline' and merged into results.json")
+            "add 'alexnet_baseline' to config.comparisons (configs/demo.py has it) and run `msnet train` and "
+            "`msnet evaluate` again; the stages already trained are kept")
   return _method_curves(rows, path, ["baseline", "alexnet_baseline"], "VGG-16 (baseline) vs AlexNet")
 
 
