@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from msnet import degradations, errors, parallel
+from msnet import degradations, errors, files, parallel
 from msnet.data import loader, shards, sources
 from msnet.evaluate.groups import build_groups
 from msnet.evaluate.plan import make_plan, method_names
@@ -119,21 +119,12 @@ class CellSource:
 
 
 class FileCell(CellSource):
-  """Image files (JPEG, PNG) decoded with Pillow, as the source images of a workdir are."""
+  """Image files read as `msnet predict` reads them (`files.read_image`: the shards' decoders, the bin from
+  the file's own bitstream, lossless files in the clean bin)."""
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
-    try:
-      data = pathlib.Path(self.names[i]).read_bytes()
-    except OSError as e:
-      raise sources.CorruptImageError(f"{self.names[i]}: {e}") from None
-    image = sources._decode_bytes(data, self.names[i])
-    if data[:2] != b"\xff\xd8":  # PNG and other lossless files: the clean bin
-      return image, 0
-    try:
-      quality = degradations.estimate_jpeg_quality(data)
-    except ValueError as e:
-      raise sources.CorruptImageError(f"{self.names[i]}: {e}") from None
-    return image, degradations.bin_of_bitstream({"codec": "jpeg", "jpeg_quality": quality}, self._rules)
+    f = files.read_image(self.names[i])
+    return f.image, degradations.bin_of_bitstream(f.bitstream, self._rules)
 
 
 class ArrayCell(CellSource):
