@@ -62,6 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
       resize_shorter=0,           # >0: resize shorter side to this, center-crop image_size, then degrade
       max_train_examples=-1,      # >0: use the first N training images (runlocal / demo shrink)
       max_eval_examples=-1,       # >0: use the first N evaluation images
+      # >0: the last N of the training records in use (after max_train_examples) are held out of every
+      # stage: "train" keeps records [0, n - N), W/data/holdout/ gets [n - N, n) of the same source split
+      # (a validation slice of the training distribution, never the test split). Folder sources are
+      # ordered round-robin over classes, so the last N are class-balanced while every class has images
+      # that deep.
+      holdout_examples=0,
       num_classes=10,             # classifier outputs
   ))
 
@@ -278,6 +284,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.data.num_classes >= 2, "data.num_classes", f"must be >= 2, got {c.data.num_classes}")
   _check(c.data.resize_shorter == 0 or c.data.resize_shorter >= c.data.image_size, "data.resize_shorter",
          f"must be 0 or >= data.image_size ({c.data.image_size}), got {c.data.resize_shorter}")
+  holdout = c.data.get("holdout_examples", 0)  # absent from config.json of workdirs made before the field
+  _check(holdout >= 0, "data.holdout_examples", f"must be >= 0, got {holdout}")
+  _check(c.data.max_train_examples <= 0 or holdout < c.data.max_train_examples, "data.holdout_examples",
+         f"{holdout} held-out records leave none of the data.max_train_examples={c.data.max_train_examples} "
+         "records for training: hold out fewer or use more")
   _check(c.degrade.num_workers >= 0, "degrade.num_workers", "must be >= 0")
   _check(c.degrade.records_per_shard >= 1, "degrade.records_per_shard", "must be >= 1")
   _check(c.degrade.on_corrupt in ("skip", "raise"), "degrade.on_corrupt", "must be 'skip' or 'raise'")

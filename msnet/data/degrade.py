@@ -18,6 +18,12 @@ the merged manifest. Several independent machines: `config.degrade.num_shards = 
 the same by hand; `merge_manifests` checks the parts against each other and the files and writes
 `W/data/manifest.json` (done by the last part to finish). A single process is the case N = 1.
 
+`config.data.holdout_examples = h > 0` holds the last h of the n training records in use out of training:
+the train split's shards hold source records [0, n - h) and a third split, `HOLDOUT`, holds [n - h, n) of
+the same source split (manifest `splits["holdout"]`, with its `source_split` and `first_source_record`), in
+the specs `holdout_specs`. Records keep their source index, so a held-out record has the bytes the train
+split would give it. With h = 0 the manifest is that of a degrade without the field.
+
 Source files that cannot be used (undecodable, or smaller than `data.image_size` without
 `resize_shorter`) are skipped in every spec with `config.degrade.on_corrupt = "skip"`; the manifest lists
 them per split: `skipped` (record indices) and `skipped_names` (paths relative to the source), aligned.
@@ -42,8 +48,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from msnet import config as config_lib
 from msnet.data import shards, sources
 
+HOLDOUT = "holdout"  # split (directory, manifest entry and role) of the held-out training records
 _SOURCE_KEYS = ("source", "path", "tfds_name", "tfds_data_dir", "image_size", "resize_shorter")
 
 
@@ -57,8 +65,9 @@ class PeerFailedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-  """One shard of one spec of one split: source records [start, stop)."""
-  split: str
+  """One shard of one spec of one split: records [start, stop) of its source split."""
+  split: str         # directory and manifest name: a source split, or HOLDOUT
+  source_split: str  # the source split its records are read from
   spec: str          # canonical spec string
   shard: int
   num_shards: int
@@ -73,6 +82,11 @@ def all_train_specs(config: ml_collections.ConfigDict) -> list[str]:
   specs = ["clean"] + [s for b in config.bins for s in b.train_specs]
   specs += [s for _, stage in sorted(config.stages.items()) for s in stage.get("train_specs", [])]
   return _canonical_unique(specs)
+
+
+def holdout_specs(config: ml_collections.ConfigDict) -> list[str]:
+  """Specs of the held-out training records: clean and every bin's train_specs (what branches learn)."""
+  return _canonical_unique(["clean"] + [s for b in config.bins for s in b.train_specs])
 
 
 def all_eval_specs(config: ml_collections.ConfigDict) -> list[str]:
@@ -92,9 +106,9 @@ def _canonical_unique(specs: Sequence[str]) -> list[str]:
 
 def run_degrade(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
                 specs: Sequence[str] | None = None) -> dict[str, Any]:
-  """Write this process's shards of both splits and its manifest part; returns the manifest (or part).
+  """Write this process's shards of every split and its manifest part; returns the manifest (or part).
 
-  `specs` (optional) replaces the config's spec lists of both splits, e.g. to add one spec for
+  `specs` (optional) replaces the config's spec lists of every split, e.g. to add one spec for
   `msnet show`; the manifest keeps the entries of earlier runs with the same source and seed.
   Under several JAX processes every process returns the merged manifest.
   """
@@ -167,7 +181,7 @@ def _write_part(config: ml_collections.ConfigDict, data_dir: epath.Path, header:
     done[sidecar["file"]] = sidecar
   for car in done.values():  # sidecars written before skipped files were named
     if "skipped_names" not in car:
-      names = _source(job["data"], car["split"]).relative_names
+      names = _source(job["data"], _source_split(header, car["split"])).relative_names
       car["skipped_names"] = [names[i] for i in car["skipped"]]
   part_manifest = {**header, "part": part, "num_parts": num_parts,
                    "expected": [u.file for u in units], "units": done}
@@ -189,28 +203,64 @@ def plan(config: ml_collections.ConfigDict, specs: Sequence[str] | None = None
       "source": {k: d[k] for k in _SOURCE_KEYS}, "seed": int(config.seed),
       "bins": [{"name": b.name, "match": list(b.match)} for b in config.bins],
       "records_per_shard": rps, "versions": _versions(), "splits": {}}
+  n_train = _records_in_use(_source(d.to_dict(), d.train_split), d.max_train_examples)
+  holdout = _holdout_examples(d, n_train)
+  # (role, split as named in W/data/ and the manifest, source split, its records [first, stop), specs)
+  roles = [("train", d.train_split, d.train_split, 0, n_train - holdout, all_train_specs(config)),
+           ("eval", d.eval_split, d.eval_split, 0,
+            _records_in_use(_source(d.to_dict(), d.eval_split), d.max_eval_examples), all_eval_specs(config))]
+  if holdout:
+    roles.append((HOLDOUT, HOLDOUT, d.train_split, n_train - holdout, n_train, holdout_specs(config)))
   units: list[Unit] = []
-  for role, split, cap, split_specs in (
-      ("train", d.train_split, d.max_train_examples, all_train_specs(config)),
-      ("eval", d.eval_split, d.max_eval_examples, all_eval_specs(config))):
+  for role, split, source_split, first, end, split_specs in roles:
     if specs is not None:
       split_specs = _canonical_unique(specs)
-    source = _source(d.to_dict(), split)
-    n = len(source) if cap <= 0 else min(len(source), cap)
-    header["splits"][split] = {"role": role, "num_source_records": len(source), "num_records_used": n,
-                               "class_names": source.class_names, "specs": split_specs}
-    num_shards = max(1, -(-n // rps))
+    source = _source(d.to_dict(), source_split)
+    entry = {"role": role, "num_source_records": len(source), "num_records_used": end - first,
+             "class_names": source.class_names, "specs": split_specs}
     base = {k: header[k] for k in ("format", "degradations", "source", "seed", "bins")}
+    if split != source_split:  # the holdout: a range of the train source, under a name of its own
+      entry.update(source_split=source_split, first_source_record=first)
+      base["source_split"] = source_split
+    header["splits"][split] = entry
+    num_shards = max(1, -(-(end - first) // rps))
     # Shard-major order: a worker takes the same records for the next spec and decodes them only once.
     for k in range(num_shards):
-      start, stop = k * rps, min((k + 1) * rps, n)
+      start, stop = first + k * rps, min(first + (k + 1) * rps, end)
       for spec in split_specs:
         slug = degradations.spec_slug(spec)
         key = json.dumps({**base, "split": split, "spec": spec, "start": start, "stop": stop}, sort_keys=True)
-        units.append(Unit(split, spec, k, num_shards, start, stop,
+        units.append(Unit(split, source_split, spec, k, num_shards, start, stop,
                           f"{split}/{slug}/{shards.shard_name(k, num_shards)}",
                           hashlib.sha256(key.encode()).hexdigest()[:16]))
   return header, units
+
+
+def _source_split(header: dict[str, Any], split: str) -> str:
+  """The source split whose records a split of the manifest holds (itself, but for the holdout)."""
+  return header["splits"][split].get("source_split", split)
+
+
+def _records_in_use(source: sources.ImageSource, cap: int) -> int:
+  """The first `cap` records of a source (all of them when cap <= 0)."""
+  return len(source) if cap <= 0 else min(len(source), cap)
+
+
+def _holdout_examples(data: ml_collections.ConfigDict, n_train: int) -> int:
+  """config.data.holdout_examples, refused when it would leave no training record or clash with a split name."""
+  holdout = int(data.get("holdout_examples", 0))  # absent from config.json of workdirs made before the field
+  if holdout <= 0:
+    return 0
+  if HOLDOUT in (data.train_split, data.eval_split):
+    raise config_lib.ConfigError(
+        f"config.data.holdout_examples: the held-out records are written to W/data/{HOLDOUT}/, but a source "
+        f"split is named {HOLDOUT!r} (data.train_split / eval_split): rename that split or set holdout_examples=0")
+  if holdout >= n_train:
+    raise config_lib.ConfigError(
+        f"config.data.holdout_examples: holding out {holdout} records leaves none of the {n_train} training "
+        f"records in use (split {data.train_split!r}, data.max_train_examples={data.max_train_examples}) to "
+        f"train on: set it below {n_train}")
+  return holdout
 
 
 def merge_manifests(workdir: str | os.PathLike[str], *, verify: bool = True,
@@ -412,10 +462,10 @@ def _records_of(data: dict[str, Any], unit: Unit) -> list[Any]:
   Kept until the process moves to another range: consecutive units are the same range in other specs.
   Costs records_per_shard decoded images of memory per worker (1024 x 224x224x3 = 150 MB).
   """
-  key = (json.dumps(data, sort_keys=True), unit.split, unit.start, unit.stop)
+  key = (json.dumps(data, sort_keys=True), unit.source_split, unit.start, unit.stop)
   if key not in _decoded:
     _decoded.clear()
-    source, items = _source(data, unit.split), []
+    source, items = _source(data, unit.source_split), []
     for i in range(unit.start, unit.stop):
       try:
         items.append(source[i])
@@ -471,7 +521,7 @@ def _degrade_unit(unit: Unit, job: dict[str, Any]) -> dict[str, Any]:
       _progress.value += unit.stop - unit.start
     return finished
   items = _records_of(job["data"], unit)
-  names = _source(job["data"], unit.split).relative_names
+  names = _source(job["data"], unit.source_split).relative_names
   path = data_dir / unit.file
   path.parent.mkdir(parents=True, exist_ok=True)
   bin_ = degradations.bin_of(unit.spec, job["rules"])
@@ -484,7 +534,7 @@ def _degrade_unit(unit: Unit, job: dict[str, Any]) -> dict[str, Any]:
       if isinstance(item, sources.CorruptImageError):
         if job["on_corrupt"] == "raise":
           raise type(item)(
-              f"{item} (record {i} of split {unit.split!r}; config.degrade.on_corrupt='skip' skips it)")
+              f"{item} (record {i} of split {unit.source_split!r}; config.degrade.on_corrupt='skip' skips it)")
         skipped.append(i)
         continue
       image, info = degradations.apply(unit.spec, item["image"], seed=job["seed"], index=i)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Sequence
 
+from etils import epath
 import grain
 import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from msnet import parallel
-from msnet.data import shards
+from msnet import degradations, errors, parallel
+from msnet.data import degrade, shards
 
 # Elements of the threaded read are whole local batches: a few in flight keep memory bounded at 224 px.
 # Two threads overlap reads with the train step; more only contend for the GIL (measured on 2 cores:
@@ -158,6 +159,26 @@ def eval_batches(workdir: str | os.PathLike[str], split: str, spec: str, global_
   batches (collectives in the eval step stay in lockstep), padding rows have `mask == False`.
   """
   yield from source_eval_batches(shards.open_shards(shards.spec_dir(workdir, split, spec)), global_batch, mesh)
+
+
+def holdout_source(workdir: str | os.PathLike[str], spec: str) -> shards.ShardSource:
+  """The held-out training records of one spec (config.data.holdout_examples): images of the training
+  distribution that no stage trained on, for fitting on top of trained networks (e.g. temperatures).
+
+  The manifest decides, not the directory: shards left by an earlier degrade with a hold-out are not
+  held out once the train split has taken those records back.
+  """
+  path = epath.Path(workdir) / "data" / "manifest.json"
+  entry = (shards.read_json(path) or {}).get("splits", {}).get(degrade.HOLDOUT)
+  if entry is None:
+    raise errors.MissingInputError(f"{path}: no held-out training records; set config.data.holdout_examples > 0 "
+                                   "and run `msnet degrade`")
+  spec = str(degradations.parse(spec))
+  if spec not in entry["specs"]:
+    raise errors.MissingInputError(
+        f"{path}: no held-out records of spec {spec!r}, only of {list(entry['specs'])} (clean and every bin's "
+        "train_specs); put it in a bin's train_specs, keep config.data.holdout_examples > 0 and run `msnet degrade`")
+  return shards.open_shards(shards.spec_dir(workdir, degrade.HOLDOUT, spec))
 
 
 def source_eval_batches(source: Any, global_batch: int, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:

@@ -5,9 +5,10 @@ Layout of a workdir W:
   W/data/<split>/<spec_slug>/shard-00000-of-00004.array_record.json  sidecar: sha256, counts, PSNR/bpp sums
   W/data/manifest.json                                               (msnet.data.degrade)
 
-`<split>` is the source split name (config.data.train_split / eval_split), `<spec_slug>` is
-`degradations.spec_slug(spec)`. Shard k of a spec holds the source records [k*R, (k+1)*R) (R =
-config.degrade.records_per_shard) that decoded, so the shards of every spec of a split line up.
+`<split>` is the source split name (config.data.train_split / eval_split) or `holdout` (the held-out end
+of the train split, config.data.holdout_examples), `<spec_slug>` is `degradations.spec_slug(spec)`. Shard k
+of a spec holds the source records [F + k*R, F + (k+1)*R) (R = config.degrade.records_per_shard, F = 0 but
+for the holdout's first record) that decoded, so the shards of every spec of a split line up.
 
 Record format (one ArrayRecord record per image; files written with `group_size:1` so any record is
 read without decompressing its neighbours):
