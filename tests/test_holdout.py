@@ -195,6 +195,16 @@ def test_adding_a_holdout_to_a_workdir_gives_the_holdout_run(runs, tmp_path):
       p.relative_to(held) for p in held.rglob(f"*{shards.SHARD_SUFFIX}"))
 
 
+def test_dropping_the_holdout_gives_its_records_back_to_train(runs, tmp_path):
+  root, held, plain = runs
+  w = tmp_path / "w"
+  shutil.copytree(held, w)
+  degrade.run_degrade(_config(root, holdout=0), w)
+  assert _manifest(w)["splits"] == _manifest(plain)["splits"]
+  with pytest.raises(errors.MissingInputError, match="holdout_examples > 0"):
+    loader.holdout_source(w, "clean")  # the old holdout shards are still on disk, but no longer held out
+
+
 def test_holdout_source(runs):
   _, held, plain = runs
   assert len(loader.holdout_source(held, "jpeg:5")) == HELD_OUT - 1
