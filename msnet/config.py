@@ -17,9 +17,13 @@ import ml_collections
 from msnet import errors
 
 # The stages `msnet train` knows, in pipeline order. Branch stages are named `branch_<bin name>`.
-GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability",
+GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "gate", "da_fc8", "da_fc67", "da_fc678", "stability",
                           "alexnet_baseline")  # config.stages entries of the trained stages
 COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline")
+# Stages beyond the paper, trained after the master when listed in config.extensions.
+EXTENSION_STAGES = ("calibrate", "gate")
+# Evaluated methods that need an extension stage: the calibrated rules and the learned gate.
+EXTENSION_METHODS = {"ams_cal": "calibrate", "map_cal": "calibrate", "gate": "gate"}
 # The JPEG part of the transcode sweep (the JPEG 2000 part depends on the image size: `cifar_jp2k`).
 TRANSCODE_JPEG_SPECS = ("jpeg:10", "jpeg:90", "jpeg:10+jpeg:90", "jpeg:5+jpeg:75", "jpeg:90+jpeg:10",
                         "jpeg:10+resize:0.5+jpeg:75")
@@ -140,6 +144,15 @@ def base_config() -> ml_collections.ConfigDict:
       da_fc678=_stage(epochs=3, lr=0.01),
       stability=_stage(epochs=3, lr=0.005),
       alexnet_baseline=_stage(epochs=30, lr=0.02, warmup_steps=200),  # AlexNet on clean data (Fig. 1b)
+      # The learned gate: the master's network, started from the trained master, trained with the branches
+      # frozen to minimise the NLL of the gated mixture sum_k g_k(x) p_k(y|x) on every bin's specs.
+      gate=_stage(epochs=1, lr=0.01),
+      calibrate=ml_collections.ConfigDict(dict(
+          # Per-branch temperatures (and the master's) fitted by NLL on the hold-out slice of the training
+          # split (data.holdout_examples), every bin's train specs, bins weighted equally.
+          max_examples_per_spec=-1,  # >0: use the first N hold-out records of each spec
+          ece_bins=15,               # equal-width confidence bins of the expected calibration error
+      )),
       deepcloak=ml_collections.ConfigDict(dict(
           mask_ratio=0.01,         # fraction of trunk-output channels masked (the paper: 1%)
           num_examples=1024,       # clean/degraded pairs used to rank channel sensitivity
@@ -151,6 +164,9 @@ def base_config() -> ml_collections.ConfigDict:
       noise_sigma=10.0,          # Gaussian perturbation, sigma on the 0-255 scale (Zheng et al.)
   ))
   c.comparisons = COMPARISON_STAGES  # which comparison methods `msnet run` trains
+  # Which stages beyond the paper `msnet run` trains (EXTENSION_STAGES): "calibrate" (temperatures for the
+  # ams_cal / map_cal rules; needs data.holdout_examples > 0) and "gate" (the learned gate).
+  c.extensions = ()
 
   c.train = ml_collections.ConfigDict(dict(
       global_batch=128,          # examples per optimizer step over all devices and processes
@@ -325,11 +341,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in c.evaluate.sweeps:
     _check(name in c.sweeps, "evaluate.sweeps", f"{name!r} is not a sweep in config.sweeps {list(c.sweeps)}")
   known_methods = {"baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid", "comparisons",
-                   *COMPARISON_STAGES}
+                   *COMPARISON_STAGES, *EXTENSION_METHODS}
   for m in c.evaluate.methods:
     _check(m in known_methods, "evaluate.methods", f"{m!r} is not one of {sorted(known_methods)}")
   for m in c.comparisons:
     _check(m in COMPARISON_STAGES, "comparisons", f"{m!r} is not one of {list(COMPARISON_STAGES)}")
+  for m in c.extensions:
+    _check(m in EXTENSION_STAGES, "extensions", f"{m!r} is not one of {list(EXTENSION_STAGES)}")
+  _check("calibrate" not in c.extensions or c.data.get("holdout_examples", 0) > 0, "data.holdout_examples",
+         "the calibrate stage fits temperatures on held-out training images: set it > 0 (e.g. 5000), or drop "
+         "'calibrate' from config.extensions")
+  _check(c.stages.calibrate.ece_bins >= 1, "stages.calibrate.ece_bins", "must be >= 1")
 
   _check(c.model.arch in ("vgg16", "alexnet"), "model.arch", f"{c.model.arch!r} is not 'vgg16' or 'alexnet'")
   _check(c.model.variant in ("cifar", "imagenet"), "model.variant", "must be 'cifar' or 'imagenet'")
@@ -395,7 +417,12 @@ def to_json(c: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of `to_json`: dicts, also inside lists, become ConfigDicts again, other lists tuples."""
+  """Inverse of `to_json`: dicts, also inside lists, become ConfigDicts again, other lists tuples.
+
+  A field added to `base_config` after the config was saved takes its default (a workdir made by an older
+  msnet stays usable); every saved field keeps its saved value.
+  """
+  saved = _with_defaults(json.loads(text), json.loads(to_json(base_config())))
   def build(value: Any) -> Any:
     if isinstance(value, dict):
       return ml_collections.ConfigDict({k: build(v) for k, v in value.items()})
@@ -403,4 +430,15 @@ def from_json(text: str) -> ml_collections.ConfigDict:
       items = [build(v) for v in value]
       return items if any(isinstance(v, ml_collections.ConfigDict) for v in items) else tuple(items)
     return value
-  return build(json.loads(text))
+  return build(saved)
+
+
+_SAVED_WHOLE = ("sweeps",)  # mappings a config file replaces whole: a saved one gets no default entries
+
+
+def _with_defaults(saved: Any, default: Any) -> Any:
+  """`saved` with the keys of `default` it lacks added, recursively through dicts (lists and _SAVED_WHOLE are
+  taken whole)."""
+  if not (isinstance(saved, dict) and isinstance(default, dict)):
+    return saved
+  return {**default, **{k: v if k in _SAVED_WHOLE else _with_defaults(v, default.get(k)) for k, v in saved.items()}}

@@ -12,6 +12,9 @@ branch_logits [K, B, C] are the slave's vmapped outputs, master_logits [B, K] th
 - `hybrid`: the bitstream's branch when the bitstream's bin is a degradation bin (not 0), else MS's. The
   bitstream reads only the last encode: a strong last codec is certain, but a mild one may hide a strong
   earlier encode (`jpeg:10+jpeg:90` reads as quality 90) that only the master, which sees pixels, can find.
+- `temper`: branch logits divided by each branch's temperature (the calibrate stage's), so that `ams` and
+  `map_rule` of tempered logits are the `ams_cal` and `map_cal` rules. The learned gate is `map_rule` with
+  the gate's logits in place of the master's.
 """
 
 from __future__ import annotations
@@ -55,6 +58,15 @@ def map_rule(branch_logits: Array, master_logits: Array) -> Array:
   p_bin = jax.nn.softmax(master_logits.astype(jnp.float32), axis=-1)
   p_cls = jax.nn.softmax(branch_logits.astype(jnp.float32), axis=-1)
   return jnp.einsum("bk,kbc->bc", p_bin, p_cls, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.jit
+def temper(branch_logits: Array, temperatures: Array) -> Array:
+  """[K, B, C] logits / T_k per branch: a temperature changes a branch's confidence, never its top-1."""
+  _check(branch_logits)
+  if temperatures.shape != branch_logits.shape[:1]:
+    raise ValueError(f"temperatures must be [K] = {branch_logits.shape[:1]}, got {temperatures.shape}")
+  return branch_logits.astype(jnp.float32) / temperatures.astype(jnp.float32)[:, None, None]
 
 
 @jax.jit

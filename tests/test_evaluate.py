@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msnet import config as config_lib
+from msnet import calibration, config as config_lib
 from msnet import evaluate, models
 from msnet import train as train_lib
 from msnet.data import shards
@@ -31,7 +31,9 @@ RECORDS = 37            # not a multiple of the global batch: the last batch is 
 GLOBAL_BATCH = 16       # 2 per fake device
 SPECS = ("clean", "jpeg:10", "jpeg:50", "blur:1@4", "jp2k:100")
 DONE_STAGES = ("baseline", "branch_jpeg", "branch_jp2k", "master", "da_fc8", "stability", "deepcloak",
-               "alexnet_baseline")
+               "alexnet_baseline", "gate")
+TEMPERATURES = (0.7, 1.9, 3.1)  # the calibrate stage's, per branch
+MASTER_TEMPERATURE = 2.5
 
 
 def _config() -> Any:
@@ -45,6 +47,7 @@ def _config() -> Any:
               "mixed": ["jpeg:10", "jp2k:100"]}  # jpeg:10 in two sweeps: evaluated once
   c.evaluate.sweeps = ["clean", "jpeg", "blur", "mixed"]
   c.evaluate.global_batch = GLOBAL_BATCH
+  c.evaluate.methods = (*c.evaluate.methods, "ams_cal", "map_cal", "gate")
   return c
 
 
@@ -105,6 +108,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   for stage in DONE_STAGES:
     (workdir / "train" / stage).mkdir(parents=True)
     (workdir / "train" / stage / "DONE.json").write_text(json.dumps({"wall_time_s": 1.0}))
+  (workdir / "train" / "calibrate").mkdir(parents=True)
+  (workdir / "train" / "calibrate" / "DONE.json").write_text(json.dumps(
+      {"temperatures": TEMPERATURES, "master_temperature": MASTER_TEMPERATURE}))
   slave = models.build_slave(cfg.model, 10, 3)
   single = models.build_slave(cfg.model, 10, 1)
   master = models.build_master(cfg.master, 3)
@@ -115,6 +121,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   params = dict(baseline=base, slave=dict(_random_params(slave, rng), trunk=base["trunk"]),
                 da_fc8=dict(_random_params(single, rng), trunk=base["trunk"]),
                 stability=_random_params(single, rng), master=_random_params(master, rng),
+                gate=_random_params(master, rng),
                 alexnet_baseline=_random_params(alexnet, rng))
   mask = np.ones(params["baseline"]["trunk"]["conv4_3"]["bias"].shape, np.float32)
   mask[::3] = 0.0
@@ -135,15 +142,19 @@ def trained(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str,
   monkeypatch.setattr(train_lib, "load_baseline", lambda workdir, config: p["baseline"])
   monkeypatch.setattr(train_lib, "load_slave_params", lambda workdir, config: p["slave"])
   monkeypatch.setattr(train_lib, "load_feature_mask", lambda workdir: setup["mask"])
+  monkeypatch.setattr(train_lib, "load_gate_params", lambda workdir: p["gate"])
   return setup
 
 
-def _reference(setup: dict[str, Any], spec: str) -> dict[str, tuple[int, int, np.ndarray]]:
-  """Every method's (top1, top5) counts and top-1 per record recomputed in NumPy from the models' logits on the raw records."""
+def _reference_probs(setup: dict[str, Any], spec: str) -> dict[str, np.ndarray]:
+  """Every method's class probabilities recomputed in NumPy from the models' logits on the raw records."""
   d, p, apply = setup["data"][spec], setup["params"], setup["apply"]
   x, labels = jnp.asarray(d["image"]), d["label"]
-  branch = _softmax(apply["slave"](p["slave"], x))           # [K, B, C]
-  pbin = _softmax(apply["master"](p["master"], x))           # [B, K]
+  branch_logits = apply["slave"](p["slave"], x).astype(np.float64)
+  branch = _softmax(branch_logits)                           # [K, B, C]
+  master_logits = apply["master"](p["master"], x).astype(np.float64)
+  pbin = _softmax(master_logits)                             # [B, K]
+  tempered = _softmax(branch_logits / np.asarray(TEMPERATURES)[:, None, None])
   rows = np.arange(RECORDS)
   probs = {
       "baseline": _softmax(apply["single"](p["baseline"], x))[0],
@@ -157,9 +168,17 @@ def _reference(setup: dict[str, Any], spec: str) -> dict[str, tuple[int, int, np
       "map": np.einsum("bk,kbc->bc", pbin, branch),
       "oracle": branch[d["bin"], rows],
       "bitstream": branch[d["bitstream_bin"], rows],
+      "ams_cal": tempered.max(0),
+      "map_cal": np.einsum("bk,kbc->bc", _softmax(master_logits / MASTER_TEMPERATURE), tempered),
+      "gate": np.einsum("bk,kbc->bc", _softmax(apply["master"](p["gate"], x)), branch),
   }
   assert not np.allclose(probs["deepcloak"], probs["baseline"])  # the mask matters, so the test can see it
-  return {m: _counts(v, labels) for m, v in probs.items()}
+  return probs
+
+
+def _reference(setup: dict[str, Any], spec: str) -> dict[str, tuple[int, int, np.ndarray]]:
+  """Every method's (top1, top5) counts and top-1 per record."""
+  return {m: _counts(v, setup["data"][spec]["label"]) for m, v in _reference_probs(setup, spec).items()}
 
 
 def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
@@ -176,7 +195,7 @@ def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pyt
   assert "da_fc67" in err
   assert meta["skipped"] == 2 and f"n = {RECORDS} records per spec (2 source records skipped as unreadable)" in err
   methods = {"baseline", "da_fc8", "stability", "alexnet_baseline", "deepcloak", "branch_clean", "branch_jpeg", "branch_jp2k",
-             "ms", "ams", "map", "oracle", "bitstream"}
+             "ms", "ams", "map", "oracle", "bitstream", "ams_cal", "map_cal", "gate"}
   assert set(meta["methods"]) == methods
   # Each spec once (jpeg:10 belongs to two sweeps), one row per (method, spec).
   assert meta["specs"] == ["clean", "jpeg:10", "jpeg:50", "blur:1@4", "jp2k:100"]
@@ -187,6 +206,8 @@ def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pyt
   assert meta["groups"]["single"] == ["stability", "alexnet_baseline"]
   assert meta["traces"] == {"shared": 1, "single_vgg16": 1, "single_alexnet": 1}
 
+  reliability = json.loads((workdir / "eval" / "reliability.json").read_text())
+  assert reliability["ece_bins"] == 15
   for spec in SPECS:
     ref = _reference(trained, spec)
     mine = {r["method"]: r for r in results["rows"] if r["spec"] == spec}
@@ -200,6 +221,16 @@ def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pyt
       assert int(correct[(m, spec)].sum()) == r["correct1"]
       assert r["top1"] == pytest.approx(top1 / RECORDS) and r["top5"] == pytest.approx(top5 / RECORDS)
       assert r["ci95_low"] <= r["top1"] <= r["ci95_high"]
+    # Expected calibration error (15 bins) of every shared-group method against the float64 reference; the
+    # methods with a trunk of their own keep no histogram.
+    probs = _reference_probs(trained, spec)
+    for m in methods:
+      if m in ("stability", "alexnet_baseline"):
+        assert mine[m]["ece"] is None
+      else:
+        hist = calibration.histogram(probs[m], trained["data"][spec]["label"], 15)
+        assert mine[m]["ece"] == pytest.approx(calibration.ece(hist), abs=1e-5), (spec, m)
+        assert reliability["specs"][spec][m]["count"] == hist["count"], (spec, m)
     psnr = trained["data"][spec]["psnr"]
     assert mine["baseline"]["psnr"] == (None if spec == "clean" else pytest.approx(psnr.mean()))
   jpeg10 = next(r for r in results["rows"] if r["spec"] == "jpeg:10")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msnet import config as config_lib, degradations, parallel
+from msnet import config as config_lib, degradations, errors, parallel
 from msnet.data import shards
 from msnet import train
 from msnet.train import loop, losses, optim, stages, state as state_lib, step as step_lib
@@ -370,3 +370,78 @@ def test_bfloat16_compute_keeps_float32_params():
     assert np.isfinite(float(metrics["loss"]))
     losses_by_dtype[dtype] = float(metrics["loss"])
   np.testing.assert_allclose(losses_by_dtype["bfloat16"], losses_by_dtype["float32"], rtol=0.05)
+
+
+# (7) The stages beyond the paper: the learned gate and the calibrate stage.
+def _complete_slave_and_master(w, config):
+  for stage in ["branch_jpeg", "branch_jp2k", "master"]:
+    train.run_stage(config, w, stage)  # skipped when an earlier test completed it
+
+
+def test_gate_trains_only_the_gate_and_outputs_the_gated_mixture(trained):
+  from msnet import models
+  w, _ = trained
+  config = tiny_config()
+  _complete_slave_and_master(w, config)
+  result = train.run_stage(config, w, "gate")
+  assert result["steps"] == config.stages.gate.steps
+  saved = train.load_params(w, "gate")
+  master, slave = train.load_params(w, "master"), train.load_slave_params(w, config)
+  for k, v in _flat(saved["slave"]).items():  # the branches are frozen
+    np.testing.assert_array_equal(v, _flat(slave)[k], err_msg=k)
+  gate = train.load_gate_params(w)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(gate), jax.tree.leaves(master)))
+  # The stage's output is log sum_k g_k p_k, recomputed in float64 NumPy from the two networks.
+  x = np.random.RandomState(2).randint(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+  gate_net = models.build_master(config.master, 3)
+  slave_net = models.build_slave(config.model, 10, 3)
+  out = np.asarray(step_lib.gate_apply(gate_net, slave_net)(saved, x, False, jax.random.key(0)))
+
+  def softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+  g = softmax(gate_net.apply({"params": gate}, x))
+  p = softmax(slave_net.apply({"params": slave}, x))
+  np.testing.assert_allclose(out, np.log(np.einsum("bk,kbc->bc", g, p)), rtol=1e-4, atol=1e-5)
+
+
+def test_calibrate_needs_a_holdout(trained):
+  w, _ = trained
+  config = tiny_config()
+  _complete_slave_and_master(w, config)
+  with pytest.raises(errors.MissingInputError, match="holdout_examples"):
+    train.run_stage(config, w, "calibrate")
+
+
+def test_calibrate_stage_fits_each_branch_on_held_out_records(trained, monkeypatch):
+  """Temperatures from the stage equal a float64 fit on the records' logits computed here, bins weighted
+  equally; the hold-out split is stood in for by the synthetic training shards of the same specs."""
+  from msnet import calibration, degradations, models
+  from msnet.data import degrade, loader
+  from msnet.train import calibrate
+  w, _ = trained
+  config = tiny_config()
+  _complete_slave_and_master(w, config)
+  monkeypatch.setattr(loader, "holdout_source",
+                      lambda workdir, spec: shards.open_shards(shards.spec_dir(workdir, config.data.train_split, spec)))
+  result = train.run_stage(config, w, "calibrate")
+  assert calibrate.load_temperatures(w, 3)[0].tolist() == pytest.approx(result["temperatures"])
+  specs = degrade.holdout_specs(config)
+  assert sorted(result["records"]) == sorted(specs)
+  slave = models.build_slave(config.model, 10, 3)
+  params = train.load_slave_params(w, config)
+  rules = [list(b.match) for b in config.bins]
+  per_bin = {k: sum(degradations.bin_of(s, rules) == k for s in specs) for k in range(3)}
+  logits, labels, weights = [], [], []
+  for spec in specs:
+    src = shards.open_shards(shards.spec_dir(w, config.data.train_split, spec))
+    x = np.stack([src[i]["image"] for i in range(len(src))])
+    logits.append(np.asarray(slave.apply({"params": params}, x), np.float64))   # [K, N, C]
+    labels.append(np.array([src[i]["label"] for i in range(len(src))]))
+    weights.append(np.full(len(src), 1.0 / (per_bin[degradations.bin_of(spec, rules)] * len(src))))
+  logits, labels, weights = np.concatenate(logits, 1), np.concatenate(labels), np.concatenate(weights)
+  for k in range(3):
+    assert result["temperatures"][k] == pytest.approx(calibration.fit_temperature(logits[k], labels, weights),
+                                                      rel=1e-3)
+  assert all(b["nll_all_bins_calibrated"] <= b["nll_all_bins_raw"] + 1e-9 for b in result["branches"])

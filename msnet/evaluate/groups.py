@@ -21,7 +21,7 @@ from msnet.evaluate.steps import Layout, make_shared_step, make_single_step
 class Groups:
   """The two jitted steps and their placed arguments, built once per run."""
   shared_step: Callable[..., dict[str, jax.Array]]
-  shared_args: tuple[Any, Any, Any, Any]        # params, dc_params, master_params, feature_mask
+  shared_args: tuple[Any, ...]   # params, dc_params, master_params, gate_params, temperatures, feature_mask
   layout: Layout
   single: dict[str, tuple[Callable[..., dict[str, jax.Array]], Any]]  # method -> (its arch's step, placed params)
   traces: dict[str, int]
@@ -73,7 +73,8 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
                                                   slave, size))
   layout = Layout(heads=list(heads), slave=slave_k,
                   branch_names=[f"branch_{b.name}" for b in config.bins] if plan.branches else [],
-                  deepcloak="deepcloak" in plan.single, master=plan.master, routed=list(plan.routed))
+                  deepcloak="deepcloak" in plan.single, master=plan.master, routed=list(plan.routed),
+                  gate=plan.gate, ece_bins=int(config.stages.calibrate.ece_bins))
 
   traces: dict[str, int] = {}
   module = params = params_sh = None
@@ -89,14 +90,23 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
     dc_params, dc_sh = place({"branches": base["branches"]})
     feature_mask = jax.device_put(np.asarray(train_lib.load_feature_mask(workdir), np.float32),
                                   parallel.replicated(mesh))
-  master = master_params = master_sh = None
+  master = master_params = master_sh = gate_params = gate_sh = temperatures = None
+  if plan.master or plan.gate:
+    master = models.build_master(config.master, num_bins)  # the gate is a network of the master's architecture
   if plan.master:
-    master = models.build_master(config.master, num_bins)
     loaded = train_lib.load_params(workdir, "master")
     flops["master"] = float(models.flops_per_image(master, loaded, size))
     master_params, master_sh = place(loaded)
+  if plan.gate:
+    loaded = train_lib.load_gate_params(workdir)
+    flops["gate"] = float(models.flops_per_image(master, loaded, size))
+    gate_params, gate_sh = place(loaded)
+  if plan.calibrated:
+    from msnet.train.calibrate import load_temperatures  # noqa: PLC0415
+    branch_t, master_t = load_temperatures(workdir, num_bins)
+    temperatures = jax.device_put({"branch": branch_t, "master": np.float32(master_t)}, parallel.replicated(mesh))
   shared_step = make_shared_step(module, single_model, master, layout, num_bins, mesh,
-                                 (params_sh, dc_sh, master_sh), traces)
+                                 (params_sh, dc_sh, master_sh, gate_sh), traces)
 
   # Methods with a trunk of their own: one jitted step per architecture (VGG-16: stability; AlexNet).
   single, steps = {}, {}
@@ -114,4 +124,5 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
     if arch_cfg.arch not in steps:
       steps[arch_cfg.arch] = make_single_step(model, mesh, shardings, traces, name=f"single_{arch_cfg.arch}")
     single[m] = (steps[arch_cfg.arch], jax.device_put(p, shardings))
-  return Groups(shared_step, (params, dc_params, master_params, feature_mask), layout, single, traces, flops)
+  return Groups(shared_step, (params, dc_params, master_params, gate_params, temperatures, feature_mask), layout,
+                single, traces, flops)

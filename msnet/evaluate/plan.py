@@ -10,8 +10,8 @@ import ml_collections
 
 from msnet import config as config_lib, degradations
 
-ROUTED = ("branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid")
-MASTER_RULES = ("ms", "map", "hybrid")  # the routed rules that read the master
+ROUTED = ("branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid", "ams_cal", "map_cal", "gate")
+MASTER_RULES = ("ms", "map", "hybrid", "map_cal")  # the routed rules that read the master
 
 
 @dataclasses.dataclass
@@ -21,6 +21,8 @@ class Plan:
   branches: bool = False        # report each branch of the slave alone
   slave: bool = False           # the assembled slave is needed (branches or a decision rule)
   master: bool = False          # the master is needed (MASTER_RULES)
+  calibrated: bool = False      # the calibrate stage's temperatures are needed (ams_cal, map_cal)
+  gate: bool = False            # the learned gate is needed
   routed: list[str] = dataclasses.field(default_factory=list)   # decision rules: ms, ams, map, oracle, ..., hybrid
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -37,6 +39,8 @@ def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Plan:
   for method in config_lib.evaluated_methods(config):
     if method in ROUTED:
       need = branch_stages + (["master"] if method in MASTER_RULES else [])
+      if method in config_lib.EXTENSION_METHODS:
+        need.append(config_lib.EXTENSION_METHODS[method])
     elif method == "deepcloak":
       need = ["baseline", "deepcloak"]
     else:
@@ -47,6 +51,8 @@ def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Plan:
     if method in ROUTED:
       plan.slave = True
       plan.master |= method in MASTER_RULES
+      plan.calibrated |= config_lib.EXTENSION_METHODS.get(method) == "calibrate"
+      plan.gate |= method == "gate"
       if method == "branches":
         plan.branches = True
       else:

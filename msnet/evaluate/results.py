@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from msnet import degradations
+from msnet import calibration, degradations
 from msnet.data import shards
 
 ROW_FIELDS = ("method", "spec", "sweeps", "kind", "level", "codec", "codec_level", "pre", "top1", "top5", "n",
-              "correct1", "correct5", "ci95_low", "ci95_high", "psnr", "bpp")
+              "correct1", "correct5", "ci95_low", "ci95_high", "psnr", "bpp", "ece")
 Z95 = 1.959963984540054
 CORRECT_DIR = "correct"
 
@@ -132,15 +132,18 @@ def write_correct(eval_dir: pathlib.Path, spec: str, correct: dict[str, np.ndarr
 
 
 def rows_of(cell: dict[str, Any], sweeps: list[str]) -> list[dict[str, Any]]:
-  """One result row per method of a finished spec."""
+  """One result row per method of a finished spec; `ece` is None for a method without a confidence histogram
+  (one with a trunk of its own, or a cell evaluated before histograms were kept)."""
   rows = []
+  reliability = cell.get("reliability", {})
   for method, c in cell["counts"].items():
     n, k1, k5 = c["n"], c["correct1"], c["correct5"]
     lo, hi = wilson(k1, n)
     rows.append(dict(method=method, spec=cell["spec"], sweeps=sweeps, **cell["fields"],
                      top1=k1 / n if n else math.nan, top5=k5 / n if n else math.nan, n=n, correct1=k1,
                      correct5=k5, ci95_low=lo, ci95_high=hi, psnr=cell["quality"]["psnr"],
-                     bpp=cell["quality"]["bpp"]))
+                     bpp=cell["quality"]["bpp"],
+                     ece=calibration.ece(reliability[method]) if method in reliability else None))
   return rows
 
 

@@ -54,18 +54,19 @@ def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec
       bitstream_accuracy=float(np.trace(bit_conf)) / n if n else None, bitstream_confusion=bit_conf.tolist())
   if conf is not None:
     master.update(master_accuracy=float(np.trace(conf)) / n if n else None, master_confusion=conf.tolist())
-  return dict(spec=spec, counts=out["counts"], master=master, correct=out["correct"])
+  return dict(spec=spec, counts=out["counts"], master=master, correct=out["correct"], reliability=out["reliability"])
 
 
 def evaluate_batches(config: ml_collections.ConfigDict, groups: Groups, mesh: Any,
                      batches: Iterable[dict[str, jax.Array]], total_batches: int | None, desc: str) -> dict[str, Any]:
   """All methods on a stream of global batches (`loader.eval_batches`' keys) -> "counts" per method, "n", the
   master's and the bitstream's bin confusions (int [K, K], rows = the batches' "bin"; the master's None without
-  it) and "correct": each method's top-1 per unmasked record, in order."""
+  it), "correct": each method's top-1 per unmasked record, in order, and "reliability": per method of the
+  shared group, its confidence histogram (msnet.calibration.histogram's form)."""
   num_bins = len(config.bins)
   repl = parallel.replicated(mesh)
   outputs = groups.layout.outputs
-  acc = jax.device_put(zeros(max(len(outputs), 1), num_bins), repl)
+  acc = jax.device_put(zeros(max(len(outputs), 1), num_bins, groups.layout.ece_bins), repl)
   acc_single = {m: jax.device_put(zeros(1), repl) for m in groups.single}
   per_batch: list[tuple[list[jax.Array], jax.Array]] = []  # fetched once at the end: the loop never waits on the device
   bar = tqdm.tqdm(total=total_batches, desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0)
@@ -86,7 +87,10 @@ def evaluate_batches(config: ml_collections.ConfigDict, groups: Groups, mesh: An
             for i, m in enumerate(outputs)}
   counts.update({m: dict(correct1=int(v["correct1"][0]), correct5=int(v["correct5"][0]), n=int(v["n"]))
                  for m, v in own.items()})
-  return dict(counts=counts, n=n, correct=correct, bitstream_confusion=shared["bitstream_confusion"].astype(int),
+  reliability = {m: dict(zip(("count", "correct", "confidence"), shared["reliability"][i].astype(float).tolist()))
+                 for i, m in enumerate(outputs)}
+  return dict(counts=counts, n=n, correct=correct, reliability=reliability,
+              bitstream_confusion=shared["bitstream_confusion"].astype(int),
               master_confusion=shared["master_confusion"].astype(int) if groups.layout.master else None)
 
 
@@ -140,7 +144,8 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[s
     quality = spec_stats(workdir, config.data.eval_split, spec)
     cell = evaluate_spec(config, workdir, spec, groups, mesh, -(-quality["records"] // gb))
     correct = cell.pop("correct")
-    cell.update(methods=sorted(names), counts={m: cell["counts"][m] for m in names}, fields=spec_fields(spec),
+    cell.update(methods=sorted(names), counts={m: cell["counts"][m] for m in names},
+                reliability={m: h for m, h in cell["reliability"].items() if m in names}, fields=spec_fields(spec),
                 quality=quality, wall_s=round(time.perf_counter() - t0, 3))
     if is_writer:
       write_correct(out, spec, {m: correct[m] for m in names})
@@ -163,4 +168,6 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[s
     write_results(out, rows, meta)
     master = dict(bins=meta["bins"], specs={s: cells[s]["master"] for s in spec_sweeps})
     (out / "master.json").write_text(json.dumps(master, indent=1) + "\n")
+    reliability = {s: cells[s].get("reliability", {}) for s in spec_sweeps}
+    (out / "reliability.json").write_text(json.dumps(dict(ece_bins=groups.layout.ece_bins, specs=reliability)) + "\n")
   return rows

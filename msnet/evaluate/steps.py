@@ -31,6 +31,22 @@ def _counts(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.A
   return jnp.sum(top1, axis=1, dtype=jnp.int32), jnp.sum(topk, axis=1, dtype=jnp.int32), top1.T
 
 
+def _reliability(probs: jax.Array, labels: jax.Array, mask: jax.Array, num_bins: int) -> jax.Array:
+  """[M, 3, num_bins] float32 sums per confidence bin: predictions, correct ones, summed confidence.
+
+  Confidence is the top class's share of its row (AMS's rows of per-class maxima do not sum to 1); the bins
+  are msnet.calibration's, (i / num_bins, (i + 1) / num_bins]. NaN rows are left out, as in `_counts`.
+  """
+  m = (mask[None, :] & ~jnp.any(jnp.isnan(probs), axis=-1)).astype(jnp.float32)
+  safe = jnp.nan_to_num(probs)
+  confidence = jnp.max(safe, axis=-1) / jnp.maximum(jnp.sum(safe, axis=-1), 1e-30)
+  correct = (jnp.argmax(safe, axis=-1) == labels[None, :]).astype(jnp.float32)
+  b = jnp.clip(jnp.ceil(confidence * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+  onehot = jax.nn.one_hot(b, num_bins, dtype=jnp.float32) * m[..., None]          # [M, B, bins]
+  return jnp.stack([jnp.sum(onehot, axis=1), jnp.einsum("mb,mbk->mk", correct, onehot),
+                    jnp.einsum("mb,mbk->mk", confidence, onehot)], axis=1)
+
+
 def _confusion(true: jax.Array, pred: jax.Array, mask: jax.Array, k: int) -> jax.Array:
   """[k, k] masked counts, rows = true bin (a reduction, not a matmul, so the batch axis may stay sharded)."""
   t = jax.nn.one_hot(true, k, dtype=jnp.int32) * mask[:, None].astype(jnp.int32)
@@ -38,9 +54,11 @@ def _confusion(true: jax.Array, pred: jax.Array, mask: jax.Array, k: int) -> jax
   return jnp.sum(t[:, :, None] * p[:, None, :], axis=0)
 
 
-def zeros(num_outputs: int, num_bins: int = 0) -> dict[str, jax.Array]:
+def zeros(num_outputs: int, num_bins: int = 0, ece_bins: int = 0) -> dict[str, jax.Array]:
   acc = {"correct1": jnp.zeros((num_outputs,), jnp.int32), "correct5": jnp.zeros((num_outputs,), jnp.int32),
          "n": jnp.zeros((), jnp.int32)}
+  if ece_bins:
+    acc["reliability"] = jnp.zeros((num_outputs, 3, ece_bins), jnp.float32)
   if num_bins:
     acc["master_confusion"] = jnp.zeros((num_bins, num_bins), jnp.int32)
     acc["bitstream_confusion"] = jnp.zeros((num_bins, num_bins), jnp.int32)
@@ -59,7 +77,8 @@ class Layout:
   heads: names of the K=1 methods whose branch is stacked first in the params (baseline, da_*);
   slave: K when the assembled slave's branches follow them, else 0; branch_names: the `branch_<bin>`
   names reported for those branches ([] when "branches" is not evaluated); deepcloak: the baseline head
-  on masked features; master: MS/MAP/hybrid need it; routed: the rules computed from the slave's logits.
+  on masked features; master: MS/MAP/hybrid/map_cal need it; gate: the learned gate runs; routed: the rules
+  computed from the slave's logits; ece_bins: confidence bins of the reliability sums of every output.
   """
   heads: list[str]
   slave: int
@@ -67,6 +86,8 @@ class Layout:
   deepcloak: bool
   master: bool
   routed: list[str]
+  gate: bool = False
+  ece_bins: int = 15
 
   @property
   def outputs(self) -> list[str]:
@@ -74,18 +95,19 @@ class Layout:
 
 
 def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, num_bins: int, mesh: Any,
-                     shardings: tuple[Any, Any, Any], traces: dict[str, int]
+                     shardings: tuple[Any, Any, Any, Any], traces: dict[str, int]
                      ) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
-  """acc, params, dc_params, master_params, feature_mask, batch -> (acc plus this batch's sums, top-1 per image
-  [B, outputs]).
+  """acc, params, dc_params, master_params, gate_params, temperatures, feature_mask, batch -> (acc plus this
+  batch's sums, top-1 per image [B, outputs]).
 
   The trunk runs once; every stacked head (K=1 methods sharing the baseline's trunk, then the slave's K
   branches) runs on its features in one vmapped call; DeepCloak's head on the masked features; the master
-  once. Unused arguments are None.
+  once, and the gate (a network of the master's architecture) once. `temperatures` = {"branch": [K],
+  "master": []} of the calibrate stage. Unused arguments are None.
   """
   n_heads = len(layout.heads)
 
-  def step(acc, params, dc_params, master_params, feature_mask, batch):
+  def step(acc, params, dc_params, master_params, gate_params, temperatures, feature_mask, batch):
     traces["shared"] = traces.get("shared", 0) + 1
     mask = batch["mask"]
     out = dict(acc, n=acc["n"] + jnp.sum(mask, dtype=jnp.int32))
@@ -96,6 +118,7 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
       master_logits = master.apply({"params": master_params}, batch["image"]).astype(jnp.float32)
       out["master_confusion"] = acc["master_confusion"] + _confusion(
           batch["bin"], jnp.argmax(master_logits, axis=-1), mask, num_bins)
+    gate_logits = master.apply({"params": gate_params}, batch["image"]).astype(jnp.float32) if layout.gate else None
     if module is None:  # no method needs the trunk
       return out, jnp.zeros((mask.shape[0], 0), bool)
     features = module.apply({"params": params}, batch["image"], method="trunk_features")
@@ -111,14 +134,20 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
              "map": lambda: decision.map_rule(slave, master_logits),
              "oracle": lambda: decision.oracle(slave, batch["bin"]),
              "bitstream": lambda: decision.oracle(slave, batch["bitstream_bin"]),
-             "hybrid": lambda: decision.hybrid(slave, master_logits, batch["bitstream_bin"])}
+             "hybrid": lambda: decision.hybrid(slave, master_logits, batch["bitstream_bin"]),
+             "ams_cal": lambda: decision.ams(decision.temper(slave, temperatures["branch"])),
+             "map_cal": lambda: decision.map_rule(decision.temper(slave, temperatures["branch"]),
+                                                  master_logits / temperatures["master"]),
+             "gate": lambda: decision.map_rule(slave, gate_logits)}
     probs += [rules[r]()[None] for r in layout.routed]
-    c1, c5, top1 = _counts(jnp.concatenate(probs, axis=0), batch["label"], mask)
+    every = jnp.concatenate(probs, axis=0)
+    c1, c5, top1 = _counts(every, batch["label"], mask)
     out["correct1"], out["correct5"] = acc["correct1"] + c1, acc["correct5"] + c5
+    out["reliability"] = acc["reliability"] + _reliability(every, batch["label"], mask, layout.ece_bins)
     return out, top1
 
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, *shardings, repl, data), out_shardings=(repl, data),
+  return jax.jit(step, in_shardings=(repl, *shardings, repl, repl, data), out_shardings=(repl, data),
                  compiler_options=models.compiler_options())
 
 

@@ -4,6 +4,11 @@
                     config.model.pretrained).
   branch_<bin>      for bins[1:]: from the baseline, trunk frozen, trains "branches/*" on that bin's specs.
   master            the quality-bin classifier on every bin's specs, labels = bins, bins equally weighted.
+  calibrate         (config.extensions) no gradient step: per-branch temperatures fitted on the hold-out
+                    slice of the training split (train/calibrate.py).
+  gate              (config.extensions) the learned gate: the master's network, from the trained master,
+                    trained with the branches frozen to minimise the NLL of the gated mixture of the
+                    branches' probabilities, on the master's data (every bin's specs, bins equally weighted).
   da_fc8/67/678     from the baseline, only fc8 / fc6+fc7 / fc6+fc7+fc8 train, on clean + every bin's specs.
   stability         from the baseline, everything trains, clean data, CE + alpha * KL(clean || noisy).
   alexnet_baseline  AlexNet (config.alexnet_model) from scratch on clean data, for the VGG-vs-AlexNet figure.
@@ -48,14 +53,15 @@ SHARED_TRUNK = "trunk"  # DONE.json of a shared baseline: the weight layers its 
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
-  """Pipeline order: baseline, the branches, the master, then config.comparisons."""
-  return ["baseline", *(f"branch_{b.name}" for b in config.bins[1:]), "master", *config.comparisons]
+  """Pipeline order: baseline, the branches, the master, config.extensions, then config.comparisons."""
+  return ["baseline", *(f"branch_{b.name}" for b in config.bins[1:]), "master", *config.get("extensions", ()),
+          *config.comparisons]
 
 
 def known_stages(config: ml_collections.ConfigDict) -> list[str]:
   """Every stage `run_stage` accepts for this config (comparisons not listed in config.comparisons too)."""
   names = stage_names(config)
-  return names + [s for s in config_lib.COMPARISON_STAGES if s not in names]
+  return names + [s for s in (*config_lib.EXTENSION_STAGES, *config_lib.COMPARISON_STAGES) if s not in names]
 
 
 def _unique(specs: Any) -> list[str]:
@@ -133,6 +139,11 @@ def load_slave_params(workdir: Any, config: ml_collections.ConfigDict) -> Any:
   return {**base, "branches": jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *branches)}
 
 
+def load_gate_params(workdir: Any) -> Any:
+  """The learned gate's network (a master's params; its checkpoint also holds the frozen slave)."""
+  return load_params(workdir, "gate")["gate"]
+
+
 def load_feature_mask(workdir: Any) -> np.ndarray:
   """DeepCloak's mask over trunk-output channels: 1 keeps a channel, 0 removes it."""
   return np.load(loop.stage_dir(workdir, "deepcloak") / FEATURE_MASK)
@@ -159,19 +170,35 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
   clean = list(bins[0].train_specs)
   every_bin = _unique(s for b in bins for s in b.train_specs)
   key = loop.stage_rng(config.seed, stage + "/init")  # the train step draws from stage_rng(seed, stage)
+
+  def bin_mixture(stage_cfg: ml_collections.ConfigDict) -> tuple[list[str], list[float] | None]:
+    """The stage's own train_specs, else every bin's specs with the bins equally likely in a batch."""
+    if stage_cfg.train_specs:
+      return list(stage_cfg.train_specs), None
+    specs = [s for b in bins for s in b.train_specs]
+    if len(set(specs)) != len(specs):  # a spec listed in two bins: leave the mixture to the loader
+      return every_bin, None
+    return specs, [1.0 / (len(bins) * len(b.train_specs)) for b in bins for _ in b.train_specs]
+
   if stage == "master":
     model = models.build_master(config.master, len(bins))
-    specs, weights = list(config.stages.master.train_specs), None
-    if not specs:
-      # Bins equally likely in a batch, however many specs each bin has.
-      specs = [s for b in bins for s in b.train_specs]
-      weights = [1.0 / (len(bins) * len(b.train_specs)) for b in bins for _ in b.train_specs]
-      if len(set(specs)) != len(specs):  # a spec listed in two bins: leave the mixture to the loader
-        specs, weights = every_bin, None
+    specs, weights = bin_mixture(config.stages.master)
     return loop.Job(
         name=stage, stage=config.stages.master, apply_fn=step_lib.master_apply(model), train_specs=specs,
         weights=weights, label_key="bin", eval_specs=every_bin,
         init_fn=lambda: model.init({"params": key}, _dummy(config))["params"])
+  if stage == "gate":
+    for needed in ["baseline", *(f"branch_{b.name}" for b in bins[1:]), "master"]:
+      if loop.read_done(workdir, needed) is None:
+        raise errors.MissingInputError(f"stage 'gate' starts from the master and gates the trained branches: "
+                                       f"stage {needed!r} is not complete; run `msnet train --stage={needed}` first")
+    gate = models.build_master(config.master, len(bins))
+    slave = models.build_slave(config.model, int(config.data.num_classes), len(bins))
+    specs, weights = bin_mixture(config.stages.gate)
+    return loop.Job(
+        name=stage, stage=config.stages.gate, apply_fn=step_lib.gate_apply(gate, slave), train_specs=specs,
+        weights=weights, trainable=("gate/.*",), eval_specs=clean,
+        init_params=lambda: {"gate": load_params(workdir, "master"), "slave": load_slave_params(workdir, config)})
 
   model = _slave(config)
   apply_fn = step_lib.slave_apply(model)

@@ -40,6 +40,21 @@ def master_apply(model: Any) -> ApplyFn:
   return apply
 
 
+def gate_apply(gate: Any, slave: Any) -> ApplyFn:
+  """The gated mixture of the K frozen branches as a [B, C] classifier: log sum_k g_k(x) p_k(y|x).
+
+  params = {"gate": the gate network's (a master: [B, K] logits), "slave": the K-branch slave's}. Returned
+  as log-probabilities, which are logits whose softmax is the mixture itself: the stage's cross-entropy is
+  the mixture's NLL, and its argmax the mixture's top-1.
+  """
+  def apply(params: Any, images: jax.Array, train: bool, rng: jax.Array) -> jax.Array:
+    del train, rng  # the branches are frozen (no dropout); the gate has none
+    log_gate = jax.nn.log_softmax(gate.apply({"params": params["gate"]}, images).astype(jnp.float32), axis=-1)
+    branch = slave.apply({"params": params["slave"]}, images, train=False).astype(jnp.float32)  # [K, B, C]
+    return jax.nn.logsumexp(log_gate.T[:, :, None] + jax.nn.log_softmax(branch, axis=-1), axis=0)
+  return apply
+
+
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *,
                     loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0
