@@ -168,6 +168,7 @@ def _reference_probs(setup: dict[str, Any], spec: str) -> dict[str, np.ndarray]:
       "map": np.einsum("bk,kbc->bc", pbin, branch),
       "oracle": branch[d["bin"], rows],
       "bitstream": branch[d["bitstream_bin"], rows],
+      "branch_clean_cal": tempered[0], "branch_jpeg_cal": tempered[1], "branch_jp2k_cal": tempered[2],
       "ams_cal": tempered.max(0),
       "map_cal": np.einsum("bk,kbc->bc", _softmax(master_logits / MASTER_TEMPERATURE), tempered),
       "gate": np.einsum("bk,kbc->bc", _softmax(apply["master"](p["gate"], x)), branch),
@@ -195,7 +196,8 @@ def test_counts_match_numpy_once_per_record(trained: dict[str, Any], capsys: pyt
   assert "da_fc67" in err
   assert meta["skipped"] == 2 and f"n = {RECORDS} records per spec (2 source records skipped as unreadable)" in err
   methods = {"baseline", "da_fc8", "stability", "alexnet_baseline", "deepcloak", "branch_clean", "branch_jpeg", "branch_jp2k",
-             "ms", "ams", "map", "oracle", "bitstream", "ams_cal", "map_cal", "gate"}
+             "ms", "ams", "map", "oracle", "bitstream", "ams_cal", "map_cal", "gate", "branch_clean_cal",
+             "branch_jpeg_cal", "branch_jp2k_cal"}
   assert set(meta["methods"]) == methods
   # Each spec once (jpeg:10 belongs to two sweeps), one row per (method, spec).
   assert meta["specs"] == ["clean", "jpeg:10", "jpeg:50", "blur:1@4", "jp2k:100"]

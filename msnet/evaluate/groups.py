@@ -74,7 +74,9 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
   layout = Layout(heads=list(heads), slave=slave_k,
                   branch_names=[f"branch_{b.name}" for b in config.bins] if plan.branches else [],
                   deepcloak="deepcloak" in plan.single, master=plan.master, routed=list(plan.routed),
-                  gate=plan.gate, ece_bins=int(config.stages.calibrate.ece_bins))
+                  gate=plan.gate, ece_bins=int(config.stages.calibrate.ece_bins),
+                  calibrated_branch_names=([f"branch_{b.name}_cal" for b in config.bins]
+                                           if plan.branches and plan.calibrated else []))
 
   traces: dict[str, int] = {}
   module = params = params_sh = None

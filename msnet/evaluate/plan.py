@@ -67,6 +67,8 @@ def method_names(config: ml_collections.ConfigDict, plan: Plan) -> list[str]:
   names = list(plan.single)
   if plan.branches:
     names += [f"branch_{b.name}" for b in config.bins]
+    if plan.calibrated:
+      names += [f"branch_{b.name}_cal" for b in config.bins]
   return names + plan.routed
 
 

@@ -78,7 +78,9 @@ class Layout:
   slave: K when the assembled slave's branches follow them, else 0; branch_names: the `branch_<bin>`
   names reported for those branches ([] when "branches" is not evaluated); deepcloak: the baseline head
   on masked features; master: MS/MAP/hybrid/map_cal need it; gate: the learned gate runs; routed: the rules
-  computed from the slave's logits; ece_bins: confidence bins of the reliability sums of every output.
+  computed from the slave's logits; ece_bins: confidence bins of the reliability sums of every output;
+  calibrated_branch_names: `branch_<bin>_cal`, each branch at its calibrated temperature (the same top-1 as
+  the branch, its own confidences: what the calibration's ECE is measured on).
   """
   heads: list[str]
   slave: int
@@ -88,10 +90,12 @@ class Layout:
   routed: list[str]
   gate: bool = False
   ece_bins: int = 15
+  calibrated_branch_names: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def outputs(self) -> list[str]:
-    return [*self.heads, *self.branch_names, *(["deepcloak"] if self.deepcloak else []), *self.routed]
+    return [*self.heads, *self.branch_names, *self.calibrated_branch_names, *(["deepcloak"] if self.deepcloak else []),
+            *self.routed]
 
 
 def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, num_bins: int, mesh: Any,
@@ -127,6 +131,8 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
       logits = module.apply({"params": params}, features, method=_heads)   # [heads + slave K, B, C]
       probs.append(jax.nn.softmax(logits[:n_heads + (layout.slave if layout.branch_names else 0)], axis=-1))
       slave = logits[n_heads:]
+    if layout.calibrated_branch_names:
+      probs.append(jax.nn.softmax(decision.temper(slave, temperatures["branch"]), axis=-1))
     if layout.deepcloak:
       masked = features * feature_mask.astype(features.dtype)
       probs.append(jax.nn.softmax(dc_module.apply({"params": dc_params}, masked, method=_heads), axis=-1))
