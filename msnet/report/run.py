@@ -12,6 +12,7 @@ import numpy as np
 
 from msnet import errors
 from msnet.report import figures, stats, tables
+from msnet.report.beyond import beyond_section
 from msnet.report.claims import claims_section
 from msnet.report.external import external_sections
 from msnet.report.sections import (TABLE1_FIELDS, ce_section, figure, master_section, n_text, pct, plural,
@@ -93,6 +94,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: Any) -> pathlib.Path:
   lines += ce_section(rows, sweeps, out)
   master = _read_json(workdir / "eval" / "master.json")
   lines += transcode_section(rows, sweeps, master, boot, out)
+  lines += beyond_section(rows, sweeps, boot, [workdir], out)
   lines += external_sections(workdir / "eval", out)
   lines += master_section(master, out)
   lines += sweep_tables(rows, sweeps)
@@ -163,6 +165,7 @@ def run_runs_report(runs: Sequence[Any], workdir: Any) -> pathlib.Path:
             tables.markdown(["method", "c", "d", "c'", "d'", "% change"], _mean_sd(per_seed)), ""]
   lines += table1_section(t1, out, "All runs pooled image by image")
   lines += claims_section(rows, t1, boot)
+  lines += beyond_section(rows, loaded[0]["meta"].get("sweeps") or {}, boot, runs, out)
   path = out / "report.md"
   path.write_text("\n".join(lines).rstrip() + "\n")
   return path
