@@ -67,7 +67,8 @@ _OUT = flags.DEFINE_string("out", None, "show: output PNG path (default: W/show-
                            "directory.")
 _RULE = flags.DEFINE_string("rule", "ms", "predict, export: the decision rule or single network (ms, ams, map, "
                             "bitstream, hybrid, oracle (export only), branch_<bin>, baseline, da_fc8, stability, "
-                            "...).")
+                            "...; with the calibrate stage ams_cal, map_cal, branch_<bin>_cal; with the gate "
+                            "stage gate).")
 _TOP = flags.DEFINE_integer("top", 5, "predict: the N most probable classes of each file.")
 _JSON = flags.DEFINE_bool("json", False, "predict: one JSON object per file instead of a text line.")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "export: the platforms the artifact runs on, e.g. cpu,cuda,tpu "

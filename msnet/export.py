@@ -2,10 +2,12 @@
 
 DIR/model.jaxexport holds the rule's function with its params closed over as constants: uint8 images
 [b, S, S, 3] (and, for the rules routed by a bin given from outside, int32 bins [b]) in, float32 class
-probabilities [b, C] out, for any batch size b (a symbolic dimension). It is traced with plain XLA
-convolutions (`models.XLA_POLICY`), which every platform lowers, not the CPU formulations msnet trains with.
+probabilities [b, C] out, for any batch size b (a symbolic dimension). Every rule of `msnet.predict` exports,
+the calibrated ones (ams_cal, map_cal, branch_<bin>_cal) with the calibrate stage's temperatures baked in as
+constants too, and gate with the gate's network. It is traced with plain XLA convolutions
+(`models.XLA_POLICY`), which every platform lowers, not the CPU formulations msnet trains with.
 DIR/export.json says what the caller must know: class names, input size, the resizing the caller does, the
-inputs, the rule, the versions. Loading needs JAX alone:
+inputs, the rule, the temperatures baked in (calibrated rules), the versions. Loading needs JAX alone:
 
   exported = jax.export.deserialize(open("DIR/model.jaxexport", "rb").read())
   probs = exported.call(images)            # images: uint8 [b, S, S, 3]; bins too for oracle / bitstream
@@ -81,6 +83,11 @@ def export(workdir: Any, rule: str, out: Any, platforms: Sequence[str] | None = 
           "msnet_version": msnet.__version__, "jax_version": jax.__version__,
           "load": f"jax.export.deserialize(open('{ARTIFACT}', 'rb').read()).call(images"
                   + (", bins)" if with_bins else ")")}
+  if "temperatures" in host:  # constants of the artifact, recorded so a reader knows which calibration it holds
+    meta["temperatures"] = {"baked_in": True, "branch": dict(zip(predictor.bin_names,
+                                                                 map(float, host["temperatures"]["branch"])))}
+    if rule == "map_cal":
+      meta["temperatures"]["master"] = float(host["temperatures"]["master"])
   (out / META).write_text(json.dumps(meta, indent=1) + "\n")
   return out
 

@@ -183,7 +183,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike[str]],
     result = predictor.predict(np.stack(shaped), rule=rule, top_k=top, bins=bins)
     for i, f in enumerate(good):
       source = (f.source if rule == "bitstream" or (rule == "hybrid" and bins[i] != 0)
-                else "master" if result["bin_probs"] is not None else "-")
+                else ("gate" if rule == "gate" else "master") if result["bin_probs"] is not None else "-")
       record = _record(predictor, f, result, i, source)
       print(json.dumps(record) if as_json else _line(record), file=out, flush=True)
     done += len(good)

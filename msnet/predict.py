@@ -1,12 +1,14 @@
 """Use a trained workdir outside the pipeline: `msnet.load(W).predict(images, rule="ms")`.
 
 A rule is a way to get class probabilities from the workdir's trained networks: every decision rule that
-`msnet evaluate` reports (ms, ams, map, oracle, bitstream, hybrid, branch_<bin>) and every single network whose stage
-was trained (baseline, da_fc8, da_fc67, da_fc678, stability, deepcloak, alexnet_baseline). Which stages a
-rule needs is `evaluate.make_plan`'s answer, so a rule runs here exactly when evaluate would run it, and its
-probabilities are computed by the same models and `msnet.decision` functions.
+`msnet evaluate` reports (ms, ams, map, oracle, bitstream, hybrid, branch_<bin>; beyond the paper ams_cal, map_cal,
+branch_<bin>_cal with the calibrate stage's temperatures and gate with the learned gate) and every single network
+whose stage was trained (baseline, da_fc8, da_fc67, da_fc678, stability, deepcloak, alexnet_baseline). Which
+stages a rule needs is `evaluate.make_plan`'s answer, so a rule runs here exactly when evaluate would run it, and
+its probabilities are computed by the same models and `msnet.decision` functions.
 
-Params are loaded on a rule's first use (bitstream loads no master), placed on the config's mesh and run
+Params are loaded on a rule's first use (bitstream loads no master; the temperatures and the gate's network are
+parts of their own, loaded only by the rules that read them), placed on the config's mesh and run
 in one jitted function per rule. Batches are padded to a few bucket sizes (powers of two from 8, multiples
 of the mesh's data axis, capped at `max_batch`; larger inputs are chunked), so any batch size compiles at
 most `len(buckets)` programs per rule; every op is per image (no batch statistics), so padding rows cannot
@@ -30,8 +32,11 @@ from msnet import train as train_lib
 from msnet.data import shards
 from msnet.data.sources import _shape
 from msnet.evaluate import plan as plan_lib
+from msnet.train import calibrate
 
-ROUTED_RULES = ("ms", "ams", "map", "oracle", "bitstream", "hybrid")
+ROUTED_RULES = ("ms", "ams", "map", "oracle", "bitstream", "hybrid", "ams_cal", "map_cal", "gate")
+CALIBRATED_RULES = ("ams_cal", "map_cal")  # the branches' logits divided by the calibrate stage's temperatures
+BIN_POSTERIOR_PARTS = ("master", "gate")  # a rule reading one of these reports its softmax as `bin_probs`
 SINGLE_RULES = ("baseline", *config_lib.COMPARISON_STAGES)
 BIN_RULES = ("oracle", "bitstream", "hybrid")  # the bin of each image comes from outside: `bins` is required
 NO_BRANCH = -1  # `branch` of a single network
@@ -73,27 +78,36 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
     logits = single.apply({"params": p["baseline"]}, x, feature_mask=p["feature_mask"])[0]
     return {"probs": _softmax(logits), "branch": _no_branch(x), "bin_probs": None}
 
-  def branch(k: int) -> Callable[..., dict[str, Any]]:
+  def branch(k: int, calibrated: bool) -> Callable[..., dict[str, Any]]:
     def fn(p, x, bins):  # the slave cut to its k-th branch: only that branch runs
       one = {**p["slave"], "branches": jax.tree.map(lambda a: a[k:k + 1], p["slave"]["branches"])}
-      logits = single.apply({"params": one}, x)[0]
-      return {"probs": _softmax(logits), "branch": jnp.full((x.shape[0],), k, jnp.int32), "bin_probs": None}
+      logits = single.apply({"params": one}, x)
+      if calibrated:
+        logits = decision.temper(logits, p["temperatures"]["branch"][k:k + 1])
+      return {"probs": _softmax(logits[0]), "branch": jnp.full((x.shape[0],), k, jnp.int32), "bin_probs": None}
     return fn
 
   def routed(name: str) -> Callable[..., dict[str, Any]]:
     def fn(p, x, bins):
       logits = slave.apply({"params": p["slave"]}, x)  # [K, B, C]
+      if name in CALIBRATED_RULES:
+        logits = decision.temper(logits, p["temperatures"]["branch"])
       out = {"bin_probs": None}
-      if name in plan_lib.MASTER_RULES:
-        master_logits = master.apply({"params": p["master"]}, x)
-        out["bin_probs"] = _softmax(master_logits)
-        out["branch"] = jnp.argmax(master_logits, axis=-1).astype(jnp.int32)
+      if name == "gate" or name in plan_lib.MASTER_RULES:  # MASTER_RULES holds map_cal: its master is tempered
+        if name == "gate":  # a network of the master's architecture, trained to weight the branches
+          bin_logits = master.apply({"params": p["gate"]}, x)
+        else:
+          bin_logits = master.apply({"params": p["master"]}, x).astype(jnp.float32)
+          if name == "map_cal":
+            bin_logits = bin_logits / p["temperatures"]["master"]
+        out["bin_probs"] = _softmax(bin_logits)
+        out["branch"] = jnp.argmax(bin_logits, axis=-1).astype(jnp.int32)
         if name == "hybrid":
           out["branch"] = jnp.where(bins != 0, bins.astype(jnp.int32), out["branch"])
-          out["probs"] = decision.hybrid(logits, master_logits, bins)
+          out["probs"] = decision.hybrid(logits, bin_logits, bins)
         else:
-          out["probs"] = (decision.ms if name == "ms" else decision.map_rule)(logits, master_logits)
-      elif name == "ams":
+          out["probs"] = (decision.ms if name == "ms" else decision.map_rule)(logits, bin_logits)
+      elif name in ("ams", "ams_cal"):
         out["probs"] = decision.ams(logits)
         top1 = jnp.argmax(out["probs"], axis=-1)
         per_branch = jnp.take_along_axis(_softmax(logits), top1[None, :, None], axis=-1)[..., 0]  # [K, B]
@@ -109,9 +123,13 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
   for name in ("da_fc8", "da_fc67", "da_fc678", "stability"):
     rules[name] = _Rule(name, (name,), network(single, name))
   for k, b in enumerate(bin_names):
-    rules[f"branch_{b}"] = _Rule("branches", ("slave",), branch(k))
+    rules[f"branch_{b}"] = _Rule("branches", ("slave",), branch(k, calibrated=False))
+  for k, b in enumerate(bin_names):  # a branch at its temperature needs what ams_cal needs: branches, calibrate
+    rules[f"branch_{b}_cal"] = _Rule("ams_cal", ("slave", "temperatures"), branch(k, calibrated=True))
   for name in ROUTED_RULES:
-    rules[name] = _Rule(name, ("slave", "master") if name in plan_lib.MASTER_RULES else ("slave",), routed(name))
+    parts = ("slave", *(("master",) if name in plan_lib.MASTER_RULES else ()),
+             *(("temperatures",) if name in CALIBRATED_RULES else ()), *(("gate",) if name == "gate" else ()))
+    rules[name] = _Rule(name, parts, routed(name))
   return rules
 
 
@@ -164,8 +182,14 @@ class Predictor:
     if method in self._plan.missing:
       stages = self._plan.missing[method].partition(": ")[2].split(", ")  # make_plan: "stage(s) not trained: a, b"
       command = f"msnet train --workdir={self.workdir} " + " ".join(f"--stage={s}" for s in stages)
+      hint = ""
+      if "calibrate" in stages and self.config.data.get("holdout_examples", 0) <= 0:
+        hint = (" (calibrate fits its temperatures on held-out training images, and this workdir holds none: its "
+                "data must be degraded with config.data.holdout_examples > 0 before the stages are trained, as "
+                "configs/cifar10_beyond.py does)")
       raise errors.MissingInputError(f"rule {rule!r} needs the training stage(s) {', '.join(stages)}, not complete "
-                                     f"in {self.workdir}; run `{command}` first (rules that can run: {self.rules})")
+                                     f"in {self.workdir}; run `{command}` first{hint} (rules that can run: "
+                                     f"{self.rules})")
 
   def params(self, rule: str) -> dict[str, Any]:
     """The parts of `rule`'s params, loaded on first use and placed on the mesh."""
@@ -183,10 +207,15 @@ class Predictor:
       return train_lib.load_slave_params(self.workdir, self.config)
     if part == "feature_mask":
       return np.asarray(train_lib.load_feature_mask(self.workdir), np.float32)
+    if part == "temperatures":
+      branch_t, master_t = calibrate.load_temperatures(self.workdir, len(self.bin_names))
+      return {"branch": branch_t, "master": np.float32(master_t)}
+    if part == "gate":
+      return train_lib.load_gate_params(self.workdir)
     return train_lib.load_params(self.workdir, part)
 
   def _place(self, part: str, params: Any) -> Any:
-    if part == "feature_mask":
+    if part in ("feature_mask", "temperatures"):
       return jax.device_put(params, parallel.replicated(self.mesh))
     return jax.device_put(params, parallel.param_shardings(params, self.mesh, self.config.sharding_rules))
 
@@ -242,11 +271,12 @@ class Predictor:
     """Class probabilities of `rule` on uint8 images [B, H, W, 3] (or a list of images of any sizes).
 
     Returns `probs` [B, C] float32, `top_k` [B, k] class indices by decreasing probability (ties: lower
-    index) and `top_k_probs` [B, k], `branch` [B] int32 (the branch each image used: ms / map the master's
-    most probable bin, oracle / bitstream the given bin, hybrid the given bin where it is not 0 and else the
-    master's, ams the branch whose probability gave the top-1 class, branch_<bin> that bin, a single network
-    -1) and `bin_probs` [B, K] (the master's softmax; None for rules without a master). `bins` [B] is
-    required by oracle, bitstream and hybrid (the bitstream's bins).
+    index) and `top_k_probs` [B, k], `branch` [B] int32 (the branch each image used: ms / map / map_cal the
+    master's most probable bin, gate the gate's, oracle / bitstream the given bin, hybrid the given bin where
+    it is not 0 and else the master's, ams / ams_cal the branch whose (calibrated) probability gave the top-1
+    class, branch_<bin> / branch_<bin>_cal that bin, a single network -1) and `bin_probs` [B, K] (the
+    master's softmax, at its temperature for map_cal; the gate's for gate; None for rules that read neither).
+    `bins` [B] is required by oracle, bitstream and hybrid (the bitstream's bins).
     """
     params = self.params(rule)
     if top_k < 1:
@@ -268,7 +298,7 @@ class Predictor:
     probs = np.concatenate([p["probs"] for p in parts]) if parts else np.zeros((0, num_classes), np.float32)
     branch = np.concatenate([p["branch"] for p in parts]) if parts else np.zeros(0, np.int32)
     bin_probs = None
-    if "master" in self._rules[rule].parts:
+    if set(BIN_POSTERIOR_PARTS) & set(self._rules[rule].parts):
       bin_probs = np.concatenate([p["bin_probs"] for p in parts]) if parts else np.zeros((0, num_bins), np.float32)
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :min(top_k, num_classes)]
     return {"rule": rule, "probs": probs, "top_k": order.astype(np.int32),

@@ -2,11 +2,12 @@
 checkpoints of random params, on 8 fake CPU devices.
 
 Proves: every rule's probabilities, branch and bin probabilities equal a float64 NumPy computation from the
-models' logits; files decode to the pixels evaluate saw (a PNG of the pixels, a JPEG made by the codec that
-made the shards); the bitstream rule routes a JPEG q=10 file to the JPEG branch and a ratio-100 JPEG 2000
-file to the JPEG 2000 branch without loading the master, a PNG to the clean branch; any batch size compiles
-at most one program per bucket and padding never leaks; other sizes are shaped as the sources are; bad
-rules, inputs and files are refused or skipped with their names.
+models' logits (the calibrated rules at the calibrate stage's temperatures, the gate from its own checkpoint);
+a rule whose stage is missing names the command that trains it; files decode to the pixels evaluate saw (a
+PNG of the pixels, a JPEG made by the codec that made the shards); the bitstream rule routes a JPEG q=10 file
+to the JPEG branch and a ratio-100 JPEG 2000 file to the JPEG 2000 branch without loading the master, a PNG
+to the clean branch; any batch size compiles at most one program per bucket and padding never leaks; other
+sizes are shaped as the sources are; bad rules, inputs and files are refused or skipped with their names.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from test_evaluate import _random_params  # He-scaled random params from a modul
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RULES = ("baseline", "da_fc8", "deepcloak", "branch_clean", "branch_jp2k", "ms", "ams", "map", "oracle", "bitstream",
-         "hybrid")
+         "hybrid", "ams_cal", "map_cal", "gate", "branch_jpeg_cal")
+TEMPERATURES = (0.6, 1.7, 3.2)  # the calibrate stage's, per branch (clean, jpeg, jp2k)
+MASTER_TEMPERATURE = 2.5
 
 
 def _config() -> Any:
@@ -72,16 +75,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   params = {"baseline": base, "master": _random_params(master, rng),
             **{s: dict(_random_params(single, rng), trunk=base["trunk"])
                for s in ("branch_jpeg", "branch_jp2k", "da_fc8")}}
+  slave = models.build_slave(cfg.model, 10, 3)
+  slave_params = dict(base, branches=jax.tree.map(lambda *b: np.concatenate(b), base["branches"],
+                                                  params["branch_jpeg"]["branches"], params["branch_jp2k"]["branches"]))
+  gate = _random_params(master, rng)
   for stage, p in params.items():
     _save_stage(workdir, stage, p)
+  _save_stage(workdir, "gate", {"gate": gate, "slave": slave_params})  # as the gate stage saves: the frozen slave too
+  (workdir / "train" / "calibrate").mkdir()
+  (workdir / "train" / "calibrate" / "DONE.json").write_text(json.dumps(
+      {"stage": "calibrate", "temperatures": TEMPERATURES, "master_temperature": MASTER_TEMPERATURE}))
   mask = np.ones(base["trunk"]["conv4_3"]["bias"].shape, np.float32)
   mask[::3] = 0.0
   (workdir / "train" / "deepcloak").mkdir()
   np.save(workdir / "train" / "deepcloak" / "feature_mask.npy", mask)
   (workdir / "train" / "deepcloak" / "DONE.json").write_text("{}")
-  slave = models.build_slave(cfg.model, 10, 3)
-  slave_params = dict(base, branches=jax.tree.map(lambda *b: np.concatenate(b), base["branches"],
-                                                  params["branch_jpeg"]["branches"], params["branch_jp2k"]["branches"]))
   f_single = jax.jit(lambda p, x, m=None: single.apply({"params": p}, x, feature_mask=m))
   f_slave = jax.jit(lambda p, x: slave.apply({"params": p}, x))
   f_master = jax.jit(lambda p, x: master.apply({"params": p}, x))
@@ -95,17 +103,26 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
       return _softmax(f_single(params[rule], x))[0], none, None
     if rule == "deepcloak":
       return _softmax(f_single(base, x, mask))[0], none, None
-    branch = _softmax(f_slave(slave_params, x))  # [K, B, C]
-    pbin = _softmax(f_master(params["master"], x))
+    logits = np.asarray(f_slave(slave_params, x), np.float64)  # [K, B, C]
+    branch = _softmax(logits)
+    tempered = _softmax(logits / np.asarray(TEMPERATURES)[:, None, None])
+    master_logits = np.asarray(f_master(params["master"], x), np.float64)
+    pbin = _softmax(master_logits)
     if rule.startswith("branch_"):
-      k = ["clean", "jpeg", "jp2k"].index(rule[len("branch_"):])
-      return branch[k], np.full(len(x), k), None
+      name = rule[len("branch_"):].removesuffix("_cal")
+      k = ["clean", "jpeg", "jp2k"].index(name)
+      return (tempered if rule.endswith("_cal") else branch)[k], np.full(len(x), k), None
+    if rule in ("map_cal", "gate"):  # MAP with the calibrated master over tempered branches; with the gate
+      weights = (_softmax(master_logits / MASTER_TEMPERATURE) if rule == "map_cal"
+                 else _softmax(f_master(gate, x)))
+      return np.einsum("bk,kbc->bc", weights, tempered if rule == "map_cal" else branch), weights.argmax(-1), weights
     if rule in ("ms", "map"):
       probs = branch[pbin.argmax(-1), rows] if rule == "ms" else np.einsum("bk,kbc->bc", pbin, branch)
       return probs, pbin.argmax(-1), pbin
-    if rule == "ams":
-      probs = branch.max(0)
-      return probs, branch[:, rows, probs.argmax(-1)].argmax(0), None
+    if rule in ("ams", "ams_cal"):
+      per_branch = tempered if rule == "ams_cal" else branch
+      probs = per_branch.max(0)
+      return probs, per_branch[:, rows, probs.argmax(-1)].argmax(0), None
     if rule == "hybrid":  # the bitstream's bin where it is a degradation bin, else the master's
       route = np.where(bins != 0, bins, pbin.argmax(-1))
       return branch[route, rows], route, pbin
@@ -139,13 +156,44 @@ def _check(out: dict[str, Any], ref: tuple[np.ndarray, np.ndarray, Any], rule: s
 
 def test_every_rule_matches_numpy(setup: dict[str, Any], predictor: predict.Predictor) -> None:
   assert predictor.class_names == NAMES
-  assert set(predictor.rules) == {*RULES, "branch_jpeg"}  # the trained stages' rules only
+  assert set(predictor.rules) == {*RULES, "branch_jpeg", "branch_clean_cal", "branch_jp2k_cal"}  # trained stages' only
   x = _images(5)
   bins = np.array([0, 1, 2, 1, 0])
+  outs = {}
   for rule in RULES:
-    out = predictor.predict(x, rule=rule, top_k=3, bins=bins)
-    assert out["top_k"].shape == (5, 3)
-    _check(out, setup["reference"](rule, x, bins), rule)
+    outs[rule] = predictor.predict(x, rule=rule, top_k=3, bins=bins)
+    assert outs[rule]["top_k"].shape == (5, 3)
+    _check(outs[rule], setup["reference"](rule, x, bins), rule)
+  # The temperatures and the gate change the probabilities, so the references above can tell them apart.
+  for rule, uncalibrated in (("ams_cal", "ams"), ("map_cal", "map"), ("gate", "map"), ("branch_jpeg_cal", None)):
+    other = outs[uncalibrated]["probs"] if uncalibrated else setup["reference"]("branch_jpeg", x)[0]
+    assert np.abs(outs[rule]["probs"] - other).max() > 1e-3, rule
+  assert np.abs(outs["map_cal"]["bin_probs"] - outs["map"]["bin_probs"]).max() > 1e-3
+
+
+def test_missing_extension_stage_names_its_command(tmp_path: pathlib.Path) -> None:
+  """Without the calibrate or gate stage, their rules say which `msnet train` to run, and that calibrate needs
+  a hold-out when the workdir has none; they load nothing."""
+  for holdout in (0, 100):
+    workdir = tmp_path / f"holdout{holdout}"
+    cfg = _config()
+    cfg.data.holdout_examples = holdout
+    (workdir / "train").mkdir(parents=True)
+    (workdir / "config.json").write_text(config_lib.to_json(cfg))
+    for stage in ("baseline", "branch_jpeg", "branch_jp2k", "master"):
+      (workdir / "train" / stage).mkdir()
+      (workdir / "train" / stage / "DONE.json").write_text("{}")
+    p = msnet.load(workdir)
+    assert {"ms", "map", "ams", "branch_jpeg"} <= set(p.rules) and not {"ams_cal", "map_cal", "gate"} & set(p.rules)
+    for rule in ("ams_cal", "map_cal", "branch_jpeg_cal"):
+      with pytest.raises(errors.MissingInputError) as e:
+        p.predict(_images(1), rule=rule)
+      assert f"rule {rule!r} needs the training stage(s) calibrate, not complete in {workdir}" in str(e.value)
+      assert f"run `msnet train --workdir={workdir} --stage=calibrate` first" in str(e.value)
+      assert ("config.data.holdout_examples > 0" in str(e.value)) == (holdout == 0)
+    with pytest.raises(errors.MissingInputError, match=r"rule 'gate' needs .* --stage=gate` first \(rules that"):
+      p.predict(_images(1), rule="gate")
+    assert p.loaded == []
 
 
 def test_bitstream_reads_files_without_the_master(setup: dict[str, Any], tmp_path: pathlib.Path) -> None:
@@ -273,6 +321,11 @@ def test_predict_files_skips_bad_files(predictor: predict.Predictor, tmp_path: p
     files.predict_files(predictor, [tmp_path / "nowhere.jpg"], out=out, err=err)
   with pytest.raises(errors.InvalidInputError, match="true bin"):
     files.predict_files(predictor, [tmp_path], rule="oracle", out=out, err=err)
+  out = io.StringIO()
+  assert files.predict_files(predictor, [tmp_path / "good.png"], rule="gate", top=1, as_json=True, out=out) == 0
+  (record,) = [json.loads(line) for line in out.getvalue().splitlines()]
+  assert record["bin_source"] == "gate" and record["rule"] == "gate"
+  assert record["branch"] == max(record["bin_probs"], key=record["bin_probs"].get)
 
 
 def test_cli_predict(setup: dict[str, Any], tmp_path: pathlib.Path) -> None:
