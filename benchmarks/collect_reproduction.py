@@ -1,11 +1,12 @@
 """Copy the committed evidence of the CIFAR-10 reproduction out of its workdirs into benchmarks/results/reproduction/.
 
   python benchmarks/collect_reproduction.py --run runs/repro-s0 [--run runs/repro-s1 ...] [--study runs/depth]
+  python benchmarks/collect_reproduction.py --into beyond --run runs/beyond-s0 ...   # -> reproduction/beyond/seed0
 
 Per run (seed<N>/): config.json, timings.json, every stage's DONE.json, the baseline's metrics.jsonl, and
-W/eval (results.json/.csv, master.json, correct/: every image's top-1 per method and spec), which is all
-`msnet report --runs` reads, so later seeds pool with these without re-running them; and W/report (report.md,
-table1.csv, figures). From the depth study: W/study (depth.md, depth.csv, depth.png). Checkpoints and
+W/eval (results.json/.csv, master.json, reliability.json, correct/: every image's top-1 per method and spec),
+which is all `msnet report --runs` reads, so later seeds pool with these without re-running them; W/report
+(report.md, table1.csv, figures); and a run.log.gz beside the workdir's files (benchmarks/device_run.sh's log). From the depth study: W/study (depth.md, depth.csv, depth.png). Checkpoints and
 shards are not copied (they are rebuilt by the commands in the README).
 """
 
@@ -29,14 +30,16 @@ def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
     shutil.copy2(src, dst)
 
 
-def collect_run(run: pathlib.Path) -> pathlib.Path:
+def collect_run(run: pathlib.Path, into: str = "") -> pathlib.Path:
   seed = json.loads((run / "config.json").read_text())["seed"]
-  dst = OUT / f"seed{seed}"
+  dst = OUT / into / f"seed{seed}"
   for name in ("config.json", "timings.json", "eval", "report"):
     _copy(run / name, dst / name)
   _copy(run / "train" / "baseline" / "metrics.jsonl", dst / "train" / "baseline" / "metrics.jsonl")
   for done in sorted((run / "train").glob("*/DONE.json")):
     _copy(done, dst / "train" / done.parent.name / "DONE.json")
+  if (run / "run.log.gz").exists():
+    _copy(run / "run.log.gz", dst / "run.log.gz")
   return dst
 
 
@@ -44,9 +47,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--run", action="append", default=[], type=pathlib.Path, help="a finished `msnet run` workdir")
   parser.add_argument("--study", type=pathlib.Path, help="a finished `msnet study` workdir")
+  parser.add_argument("--into", default="", help="a subfolder of reproduction/ for the runs (e.g. beyond)")
   args = parser.parse_args()
   for run in args.run:
-    print(f"{run} -> {collect_run(run)}")
+    print(f"{run} -> {collect_run(run, args.into)}")
   if args.study:
     _copy(args.study / "study", OUT / "depth_study")
     _copy(args.study / "timings.json", OUT / "depth_study" / "timings.json")
