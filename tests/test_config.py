@@ -38,6 +38,9 @@ def test_every_config_validates(path, arg):
     ("stages.branch.lr", -1.0, "config.stages.branch.lr"),
     ("degrade.on_corrupt", "ignore", "config.degrade.on_corrupt"),
     ("train.global_batch", 0, "config.train.global_batch"),
+    ("extensions", ("calibrate", "temperature"), "config.extensions: 'temperature' is not one of"),
+    ("extensions", ("calibrate",), "config.data.holdout_examples: the calibrate stage fits"),
+    ("stages.calibrate.ece_bins", 0, "config.stages.calibrate.ece_bins"),
 ])
 def test_impossible_values_name_the_field(field, value, message):
   c = _load(ROOT / "configs" / "demo.py", None)
@@ -109,6 +112,20 @@ def test_config_json_round_trip(path):
   assert back.bins[1].name == c.bins[1].name
   assert list(back.bins[1].train_specs) == list(c.bins[1].train_specs)
   assert config_lib.to_json(back) == config_lib.to_json(c)
+
+
+def test_a_config_saved_before_a_field_existed_loads_with_its_default():
+  """W/config.json of an older msnet lacks newer fields; they take their defaults, saved values stay, and a
+  sweep mapping the config replaced whole gets no default sweeps back."""
+  import json
+  saved = json.loads(config_lib.to_json(_load(ROOT / "configs" / "depth_study.py", None)))
+  del saved["extensions"], saved["stages"]["gate"], saved["stages"]["calibrate"], saved["data"]["holdout_examples"]
+  saved["stages"]["branch"]["lr"] = 0.123
+  back = config_lib.from_json(json.dumps(saved))
+  config_lib.validate(back)
+  assert back.extensions == () and back.data.holdout_examples == 0 and back.stages.calibrate.ece_bins == 15
+  assert back.stages.branch.lr == 0.123
+  assert list(back.sweeps) == list(saved["sweeps"])
 
 
 def test_cli_degrade_split_over_two_machines_then_merge(tmp_path):
