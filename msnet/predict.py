@@ -83,15 +83,15 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
       one = {**p["slave"], "branches": jax.tree.map(lambda a: a[k:k + 1], p["slave"]["branches"])}
       logits = single.apply({"params": one}, x)
       if calibrated:
-        logits = decision.temper(logits, p["temperatures"]["branch"][k:k + 1])
+        logits = decision.temper(logits, p["temperatures"]["own_bin"][k:k + 1])  # calibrated on its own bin
       return {"probs": _softmax(logits[0]), "branch": jnp.full((x.shape[0],), k, jnp.int32), "bin_probs": None}
     return fn
 
   def routed(name: str) -> Callable[..., dict[str, Any]]:
     def fn(p, x, bins):
       logits = slave.apply({"params": p["slave"]}, x)  # [K, B, C]
-      if name in CALIBRATED_RULES:
-        logits = decision.temper(logits, p["temperatures"]["branch"])
+      if name in CALIBRATED_RULES:  # ams_cal: fitted on every bin; map_cal: each branch on its own bin
+        logits = decision.temper(logits, p["temperatures"]["branch" if name == "ams_cal" else "own_bin"])
       out = {"bin_probs": None}
       if name == "gate" or name in plan_lib.MASTER_RULES:  # MASTER_RULES holds map_cal: its master is tempered
         if name == "gate":  # a network of the master's architecture, trained to weight the branches
@@ -208,8 +208,7 @@ class Predictor:
     if part == "feature_mask":
       return np.asarray(train_lib.load_feature_mask(self.workdir), np.float32)
     if part == "temperatures":
-      branch_t, master_t = calibrate.load_temperatures(self.workdir, len(self.bin_names))
-      return {"branch": branch_t, "master": np.float32(master_t)}
+      return calibrate.load_temperatures(self.workdir, len(self.bin_names))
     if part == "gate":
       return train_lib.load_gate_params(self.workdir)
     return train_lib.load_params(self.workdir, part)

@@ -126,6 +126,11 @@ def test_calibrate_fit_recovers_each_branch_temperature() -> None:
                               for v, w in zip(logits.values(), (1.0, 0.5, 0.5, 1.0))])
     assert entry["temperature"] == pytest.approx(calibration.fit_temperature(stacked, labels, weights), rel=1e-6)
     assert entry["nll_all_bins_calibrated"] <= entry["nll_all_bins_raw"] + 1e-9
+    # Its own-bin temperature: the fit on its bin's records alone, with the same within-bin weights.
+    sel = np.concatenate([np.full(len(v["label"]), b == k) for v, b in zip(logits.values(), (0, 1, 1, 2))])
+    assert entry["own_bin_temperature"] == pytest.approx(
+        calibration.fit_temperature(stacked[sel], labels[sel], weights[sel]), rel=1e-6)
+    assert entry["nll_own_bin_own_bin_t"] <= entry["nll_own_bin_calibrated"] + 1e-9
   assert out["master_nll_calibrated"] <= out["master_nll_raw"] + 1e-9
   assert out["records"] == {"clean": 1500, "jpeg:10": 1500, "jpeg:20": 1500, "jp2k:16": 1500}
   json.dumps(out)  # the stage's DONE.json

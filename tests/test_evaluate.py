@@ -32,7 +32,8 @@ GLOBAL_BATCH = 16       # 2 per fake device
 SPECS = ("clean", "jpeg:10", "jpeg:50", "blur:1@4", "jp2k:100")
 DONE_STAGES = ("baseline", "branch_jpeg", "branch_jp2k", "master", "da_fc8", "stability", "deepcloak",
                "alexnet_baseline", "gate")
-TEMPERATURES = (0.7, 1.9, 3.1)  # the calibrate stage's, per branch
+TEMPERATURES = (0.7, 1.9, 3.1)  # the calibrate stage's, per branch, fitted on every bin (ams_cal)
+OWN_BIN_TEMPERATURES = (1.3, 0.9, 2.2)  # each on its own bin (map_cal, branch_<bin>_cal)
 MASTER_TEMPERATURE = 2.5
 
 
@@ -110,7 +111,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (workdir / "train" / stage / "DONE.json").write_text(json.dumps({"wall_time_s": 1.0}))
   (workdir / "train" / "calibrate").mkdir(parents=True)
   (workdir / "train" / "calibrate" / "DONE.json").write_text(json.dumps(
-      {"temperatures": TEMPERATURES, "master_temperature": MASTER_TEMPERATURE}))
+      {"temperatures": TEMPERATURES, "own_bin_temperatures": OWN_BIN_TEMPERATURES,
+       "master_temperature": MASTER_TEMPERATURE}))
   slave = models.build_slave(cfg.model, 10, 3)
   single = models.build_slave(cfg.model, 10, 1)
   master = models.build_master(cfg.master, 3)
@@ -155,6 +157,7 @@ def _reference_probs(setup: dict[str, Any], spec: str) -> dict[str, np.ndarray]:
   master_logits = apply["master"](p["master"], x).astype(np.float64)
   pbin = _softmax(master_logits)                             # [B, K]
   tempered = _softmax(branch_logits / np.asarray(TEMPERATURES)[:, None, None])
+  own = _softmax(branch_logits / np.asarray(OWN_BIN_TEMPERATURES)[:, None, None])
   rows = np.arange(RECORDS)
   probs = {
       "baseline": _softmax(apply["single"](p["baseline"], x))[0],
@@ -168,9 +171,9 @@ def _reference_probs(setup: dict[str, Any], spec: str) -> dict[str, np.ndarray]:
       "map": np.einsum("bk,kbc->bc", pbin, branch),
       "oracle": branch[d["bin"], rows],
       "bitstream": branch[d["bitstream_bin"], rows],
-      "branch_clean_cal": tempered[0], "branch_jpeg_cal": tempered[1], "branch_jp2k_cal": tempered[2],
+      "branch_clean_cal": own[0], "branch_jpeg_cal": own[1], "branch_jp2k_cal": own[2],
       "ams_cal": tempered.max(0),
-      "map_cal": np.einsum("bk,kbc->bc", _softmax(master_logits / MASTER_TEMPERATURE), tempered),
+      "map_cal": np.einsum("bk,kbc->bc", _softmax(master_logits / MASTER_TEMPERATURE), own),
       "gate": np.einsum("bk,kbc->bc", _softmax(apply["master"](p["gate"], x)), branch),
   }
   assert not np.allclose(probs["deepcloak"], probs["baseline"])  # the mask matters, so the test can see it

@@ -16,7 +16,7 @@ import pytest
 import msnet
 from msnet import errors, export
 # setup: the tiny workdir of real checkpoints, with the calibrate stage's temperatures and a gate
-from test_predict import MASTER_TEMPERATURE, NAMES, TEMPERATURES, _images, setup  # noqa: F401
+from test_predict import MASTER_TEMPERATURE, NAMES, OWN_BIN_TEMPERATURES, _images, setup  # noqa: F401
 
 RELOAD = """
 import json, sys
@@ -48,7 +48,8 @@ def test_export_reloads_with_jax_alone(setup: dict[str, Any], tmp_path: pathlib.
   assert "temperatures" not in meta["ms"]
   baked = meta["map_cal"]["temperatures"]
   assert baked["baked_in"] is True and baked["master"] == pytest.approx(MASTER_TEMPERATURE)
-  assert baked["branch"] == pytest.approx(dict(zip(["clean", "jpeg", "jp2k"], TEMPERATURES)))
+  assert baked["branch"] == pytest.approx(dict(zip(["clean", "jpeg", "jp2k"], OWN_BIN_TEMPERATURES)))
+  assert baked["fitted_on"] == "each branch's bin"
 
   x, bins = _images(8, seed=9), np.array([0, 1, 2, 2, 1, 0, 1, 2], np.int32)
   np.savez(tmp_path / "in.npz", images=x, bins=bins)

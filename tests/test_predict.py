@@ -35,7 +35,8 @@ from test_evaluate import _random_params  # He-scaled random params from a modul
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RULES = ("baseline", "da_fc8", "deepcloak", "branch_clean", "branch_jp2k", "ms", "ams", "map", "oracle", "bitstream",
          "hybrid", "ams_cal", "map_cal", "gate", "branch_jpeg_cal")
-TEMPERATURES = (0.6, 1.7, 3.2)  # the calibrate stage's, per branch (clean, jpeg, jp2k)
+TEMPERATURES = (0.6, 1.7, 3.2)  # the calibrate stage's, per branch (clean, jpeg, jp2k), fitted on every bin
+OWN_BIN_TEMPERATURES = (1.4, 0.8, 2.1)  # each branch's on its own bin (map_cal, branch_<bin>_cal)
 MASTER_TEMPERATURE = 2.5
 
 
@@ -84,7 +85,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   _save_stage(workdir, "gate", {"gate": gate, "slave": slave_params})  # as the gate stage saves: the frozen slave too
   (workdir / "train" / "calibrate").mkdir()
   (workdir / "train" / "calibrate" / "DONE.json").write_text(json.dumps(
-      {"stage": "calibrate", "temperatures": TEMPERATURES, "master_temperature": MASTER_TEMPERATURE}))
+      {"stage": "calibrate", "temperatures": TEMPERATURES, "own_bin_temperatures": OWN_BIN_TEMPERATURES,
+       "master_temperature": MASTER_TEMPERATURE}))
   mask = np.ones(base["trunk"]["conv4_3"]["bias"].shape, np.float32)
   mask[::3] = 0.0
   (workdir / "train" / "deepcloak").mkdir()
@@ -106,16 +108,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     logits = np.asarray(f_slave(slave_params, x), np.float64)  # [K, B, C]
     branch = _softmax(logits)
     tempered = _softmax(logits / np.asarray(TEMPERATURES)[:, None, None])
+    own = _softmax(logits / np.asarray(OWN_BIN_TEMPERATURES)[:, None, None])
     master_logits = np.asarray(f_master(params["master"], x), np.float64)
     pbin = _softmax(master_logits)
     if rule.startswith("branch_"):
       name = rule[len("branch_"):].removesuffix("_cal")
       k = ["clean", "jpeg", "jp2k"].index(name)
-      return (tempered if rule.endswith("_cal") else branch)[k], np.full(len(x), k), None
+      return (own if rule.endswith("_cal") else branch)[k], np.full(len(x), k), None
     if rule in ("map_cal", "gate"):  # MAP with the calibrated master over tempered branches; with the gate
       weights = (_softmax(master_logits / MASTER_TEMPERATURE) if rule == "map_cal"
                  else _softmax(f_master(gate, x)))
-      return np.einsum("bk,kbc->bc", weights, tempered if rule == "map_cal" else branch), weights.argmax(-1), weights
+      return np.einsum("bk,kbc->bc", weights, own if rule == "map_cal" else branch), weights.argmax(-1), weights
     if rule in ("ms", "map"):
       probs = branch[pbin.argmax(-1), rows] if rule == "ms" else np.einsum("bk,kbc->bc", pbin, branch)
       return probs, pbin.argmax(-1), pbin

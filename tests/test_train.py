@@ -426,7 +426,9 @@ def test_calibrate_stage_fits_each_branch_on_held_out_records(trained, monkeypat
   monkeypatch.setattr(loader, "holdout_source",
                       lambda workdir, spec: shards.open_shards(shards.spec_dir(workdir, config.data.train_split, spec)))
   result = train.run_stage(config, w, "calibrate")
-  assert calibrate.load_temperatures(w, 3)[0].tolist() == pytest.approx(result["temperatures"])
+  loaded = calibrate.load_temperatures(w, 3)
+  assert loaded["branch"].tolist() == pytest.approx(result["temperatures"])
+  assert loaded["own_bin"].tolist() == pytest.approx(result["own_bin_temperatures"])
   specs = degrade.holdout_specs(config)
   assert sorted(result["records"]) == sorted(specs)
   slave = models.build_slave(config.model, 10, 3)
@@ -441,7 +443,12 @@ def test_calibrate_stage_fits_each_branch_on_held_out_records(trained, monkeypat
     labels.append(np.array([src[i]["label"] for i in range(len(src))]))
     weights.append(np.full(len(src), 1.0 / (per_bin[degradations.bin_of(spec, rules)] * len(src))))
   logits, labels, weights = np.concatenate(logits, 1), np.concatenate(labels), np.concatenate(weights)
+  spec_bins = np.concatenate([np.full(len(shards.open_shards(shards.spec_dir(w, config.data.train_split, s))),
+                                      degradations.bin_of(s, rules)) for s in specs])
   for k in range(3):
     assert result["temperatures"][k] == pytest.approx(calibration.fit_temperature(logits[k], labels, weights),
                                                       rel=1e-3)
+    own = spec_bins == k
+    assert result["own_bin_temperatures"][k] == pytest.approx(
+        calibration.fit_temperature(logits[k][own], labels[own], weights[own]), rel=1e-3)
   assert all(b["nll_all_bins_calibrated"] <= b["nll_all_bins_raw"] + 1e-9 for b in result["branches"])

@@ -105,8 +105,7 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
     gate_params, gate_sh = place(loaded)
   if plan.calibrated:
     from msnet.train.calibrate import load_temperatures  # noqa: PLC0415
-    branch_t, master_t = load_temperatures(workdir, num_bins)
-    temperatures = jax.device_put({"branch": branch_t, "master": np.float32(master_t)}, parallel.replicated(mesh))
+    temperatures = jax.device_put(load_temperatures(workdir, num_bins), parallel.replicated(mesh))
   shared_step = make_shared_step(module, single_model, master, layout, num_bins, mesh,
                                  (params_sh, dc_sh, master_sh, gate_sh), traces)
 

@@ -106,8 +106,9 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
 
   The trunk runs once; every stacked head (K=1 methods sharing the baseline's trunk, then the slave's K
   branches) runs on its features in one vmapped call; DeepCloak's head on the masked features; the master
-  once, and the gate (a network of the master's architecture) once. `temperatures` = {"branch": [K],
-  "master": []} of the calibrate stage. Unused arguments are None.
+  once, and the gate (a network of the master's architecture) once. `temperatures` = the calibrate stage's
+  {"branch": [K] (fitted on every bin: ams_cal), "own_bin": [K] (each on its bin: map_cal, branch_<bin>_cal),
+  "master": []}. Unused arguments are None.
   """
   n_heads = len(layout.heads)
 
@@ -132,7 +133,7 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
       probs.append(jax.nn.softmax(logits[:n_heads + (layout.slave if layout.branch_names else 0)], axis=-1))
       slave = logits[n_heads:]
     if layout.calibrated_branch_names:
-      probs.append(jax.nn.softmax(decision.temper(slave, temperatures["branch"]), axis=-1))
+      probs.append(jax.nn.softmax(decision.temper(slave, temperatures["own_bin"]), axis=-1))
     if layout.deepcloak:
       masked = features * feature_mask.astype(features.dtype)
       probs.append(jax.nn.softmax(dc_module.apply({"params": dc_params}, masked, method=_heads), axis=-1))
@@ -142,7 +143,7 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
              "bitstream": lambda: decision.oracle(slave, batch["bitstream_bin"]),
              "hybrid": lambda: decision.hybrid(slave, master_logits, batch["bitstream_bin"]),
              "ams_cal": lambda: decision.ams(decision.temper(slave, temperatures["branch"])),
-             "map_cal": lambda: decision.map_rule(decision.temper(slave, temperatures["branch"]),
+             "map_cal": lambda: decision.map_rule(decision.temper(slave, temperatures["own_bin"]),
                                                   master_logits / temperatures["master"]),
              "gate": lambda: decision.map_rule(slave, gate_logits)}
     probs += [rules[r]()[None] for r in layout.routed]

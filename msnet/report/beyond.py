@@ -205,19 +205,23 @@ def beyond_section(rows: Sequence[Row], sweeps: Mapping[str, Sequence[str]], boo
   loaded = load_runs(runs)
   lines = ["## Beyond the paper: calibrated branches and a learned gate", ""]
   temps = [(run["dir"], run["calibrate"]) for run in loaded if run["calibrate"]]
+  own_bin = bool(temps) and all("own_bin_temperatures" in c for _, c in temps)
   if temps:
     names = [b["bin"] for b in temps[0][1]["branches"]]
+    own_cols = [f"T {n}, own bin" for n in names] if own_bin else []
     lines += ["Temperatures fitted by NLL on the hold-out slice of the training split (W/train/calibrate/"
-              "DONE.json; every bin's training specs, bins weighted equally); a temperature above 1 softens an "
-              "over-confident network.", "",
-              tables.markdown(["run", *[f"T {n}" for n in names], "T master"],
-                              [[f"`{d.name}`", *c["temperatures"], c["master_temperature"]] for d, c in temps],
-                              digits=3), ""]
+              "DONE.json): per branch on every bin's training specs, bins weighted equally (ams_cal)"
+              + (", and on its own bin's specs alone (map_cal and the calibrated branches)" if own_bin else "")
+              + "; a temperature above 1 softens an over-confident network.", "",
+              tables.markdown(["run", *[f"T {n}" for n in names], *own_cols, "T master"],
+                              [[f"`{d.name}`", *c["temperatures"], *(c["own_bin_temperatures"] if own_bin else []),
+                                c["master_temperature"]] for d, c in temps], digits=3), ""]
   ece_rows = branch_ece_rows(loaded)
   if ece_rows:
     write_csv(out / "calibration.csv", ECE_FIELDS, ece_rows)
+    at = "its own-bin temperature" if own_bin else "its temperature (fitted on every bin: these runs have no own-bin one)"
     lines += [f"Expected calibration error (15 confidence bins) of each branch on the test images of its own "
-              f"bin, before and after its temperature; target <= {TARGET_ECE}, read from the interval "
+              f"bin, before and after {at}; target <= {TARGET_ECE}, read from the interval "
               "(bootstrap over the images, confidences at their bin's mean). Also in `calibration.csv`.", "",
               tables.markdown(["branch", "scope", "n", "ECE raw", "95% CI", "ECE calibrated", "95% CI",
                                f"<= {TARGET_ECE}"],

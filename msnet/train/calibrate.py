@@ -1,14 +1,18 @@
-"""The `calibrate` stage: one temperature per branch of the slave, and one for the master, fitted by NLL on
-the hold-out slice of the training split (`config.data.holdout_examples`), never on the test split.
+"""The `calibrate` stage: temperatures for the branches of the slave, and one for the master, fitted by NLL
+on the hold-out slice of the training split (`config.data.holdout_examples`), never on the test split.
 
 Why: AMS takes per class the max over branches of their softmax, and MAP weights the branches by the
 master's posterior; both assume that a probability of one network means what it means in another. The
 branches are fine-tuned from the baseline for a few thousand steps each and come out with their own
-over- or under-confidence. A temperature per branch, fitted on every bin's specs with the bins weighted
-equally (AMS applies every branch to every input), puts them on one scale (`ams_cal`, `map_cal`).
+over- or under-confidence. Two temperatures per branch, because the two rules use a branch on different
+inputs:
+- `temperatures` (for `ams_cal`): fitted on every bin's specs, bins weighted equally, since AMS applies every
+  branch to every input;
+- `own_bin_temperatures` (for `map_cal` and the calibrated branches `branch_<bin>_cal`): fitted on the branch's
+  own bin's specs, since MAP weights branch k by p(bin k | x), which is near 0 outside bin k.
 
-W/train/calibrate/DONE.json holds the temperatures and, per branch, the ECE and NLL on the hold-out images
-before and after, on its own bin's specs and on all of them.
+W/train/calibrate/DONE.json holds them and, per branch, the ECE and NLL on the hold-out images before and
+after, on its own bin's specs and on all of them.
 """
 
 from __future__ import annotations
@@ -124,15 +128,20 @@ def fit(config: ml_collections.ConfigDict, logits: dict[str, dict[str, np.ndarra
 
   branches = []
   for k, name in enumerate(names):
+    if not own[k].any():
+      raise errors.MissingInputError(f"calibrate: no hold-out spec falls in bin {name!r}; the hold-out holds every "
+                                     "bin's train_specs: rerun `msnet degrade`")
     t = calibration.fit_temperature(branch[:, k], labels, weights)
-    entry = {"bin": name, "temperature": t}
+    t_own = calibration.fit_temperature(branch[own[k], k], labels[own[k]], weights[own[k]])
+    entry = {"bin": name, "temperature": t, "own_bin_temperature": t_own}
     for scope, sel in (("own_bin", own[k]), ("all_bins", np.ones(len(labels), bool))):
-      for tag, z in (("raw", branch[sel, k]), ("calibrated", branch[sel, k] / t)):
+      for tag, z in (("raw", branch[sel, k]), ("calibrated", branch[sel, k] / t), ("own_bin_t", branch[sel, k] / t_own)):
         entry[f"ece_{scope}_{tag}"] = calibration.ece(calibration.histogram(_softmax(z), labels[sel], num_ece))
         entry[f"nll_{scope}_{tag}"] = _nll(z, labels[sel], weights[sel])
     branches.append(entry)
   t_master = calibration.fit_temperature(master, bins, weights)
   return {"branches": branches, "temperatures": [b["temperature"] for b in branches],
+          "own_bin_temperatures": [b["own_bin_temperature"] for b in branches],
           "master_temperature": t_master,
           "master_nll_raw": _nll(master, bins, weights), "master_nll_calibrated": _nll(master / t_master, bins, weights),
           "records": {s: int(len(v["label"])) for s, v in logits.items()}, "ece_bins": num_ece}
@@ -148,20 +157,29 @@ def run_calibrate(config: ml_collections.ConfigDict, workdir: Any) -> dict[str, 
   result = {"stage": STAGE, **fit(config, holdout_logits(config, workdir))}
   result["wall_time_s"] = time.perf_counter() - start
   if jax.process_index() == 0:
-    print(f"[calibrate] temperatures {dict(zip([b.name for b in config.bins], result['temperatures']))}, master "
+    names = [b.name for b in config.bins]
+    print(f"[calibrate] temperatures (all bins, for ams_cal) {dict(zip(names, result['temperatures']))}; own bin "
+          f"(map_cal, branch_<bin>_cal) {dict(zip(names, result['own_bin_temperatures']))}; master "
           f"{result['master_temperature']:.3f}", flush=True)
   loop.write_done(workdir, STAGE, json.loads(json.dumps(result)))
   return result
 
 
-def load_temperatures(workdir: Any, num_bins: int) -> tuple[np.ndarray, float]:
-  """The branches' temperatures [K] and the master's, from a completed calibrate stage."""
+def load_temperatures(workdir: Any, num_bins: int) -> dict[str, Any]:
+  """{"branch": [K] (all bins, ams_cal), "own_bin": [K] (map_cal, branch_<bin>_cal), "master": float} from a
+  completed calibrate stage."""
   done = loop.read_done(workdir, STAGE)
   if done is None:
     raise errors.MissingInputError(f"stage 'calibrate' is not complete (no {loop.stage_dir(workdir, STAGE)}/"
                                    f"{loop.DONE}); run `msnet train --stage=calibrate` first")
-  temps = np.asarray(done["temperatures"], np.float32)
-  if temps.shape != (num_bins,):
-    raise errors.InvalidInputError(f"calibrate: {temps.size} temperatures for {num_bins} bins; the stage was fitted "
-                                   "for other bins: delete W/train/calibrate and rerun it")
-  return temps, float(done["master_temperature"])
+  if "own_bin_temperatures" not in done:
+    raise errors.MissingInputError(f"{loop.stage_dir(workdir, STAGE)}/{loop.DONE} has no own-bin temperatures (an "
+                                   "older calibrate stage): delete W/train/calibrate and rerun `msnet train "
+                                   "--stage=calibrate` (seconds: it fits on the hold-out shards)")
+  out = {"branch": np.asarray(done["temperatures"], np.float32),
+         "own_bin": np.asarray(done["own_bin_temperatures"], np.float32),
+         "master": np.float32(done["master_temperature"])}
+  if out["branch"].shape != (num_bins,) or out["own_bin"].shape != (num_bins,):
+    raise errors.InvalidInputError(f"calibrate: {out['branch'].size} temperatures for {num_bins} bins; the stage was "
+                                   "fitted for other bins: delete W/train/calibrate and rerun it")
+  return out
