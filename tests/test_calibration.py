@@ -134,3 +134,23 @@ def test_calibrate_fit_recovers_each_branch_temperature() -> None:
   assert out["master_nll_calibrated"] <= out["master_nll_raw"] + 1e-9
   assert out["records"] == {"clean": 1500, "jpeg:10": 1500, "jpeg:20": 1500, "jp2k:16": 1500}
   json.dumps(out)  # the stage's DONE.json
+
+
+def test_max_examples_per_spec_takes_a_prefix_of_the_holdout() -> None:
+  class Source:
+    def __len__(self):
+      return 10
+
+    def __getitem__(self, i):
+      return {"i": i}
+
+    def read(self, i):
+      return bytes([i])
+
+  prefix = calibrate._Prefix(Source(), 4)
+  assert len(prefix) == 4 and prefix[3] == {"i": 3} and prefix.read(2) == b"\x02"
+  with pytest.raises(IndexError):
+    prefix[4]
+  with pytest.raises(IndexError):
+    prefix.read(4)
+  assert len(calibrate._Prefix(Source(), 50)) == 10
