@@ -33,6 +33,19 @@ def _weighted_nll(s: float, logits: np.ndarray, labels: np.ndarray, weights: np.
           float(np.sum(weights * np.maximum(var_logit, 0.0))))
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Row-wise softmax in float64."""
+  z = np.asarray(logits, np.float64)
+  e = np.exp(z - z.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
+  """The weighted mean NLL of softmax(logits) at the labels (the quantity `fit_temperature` minimises)."""
+  w = np.asarray(weights, np.float64)
+  return _weighted_nll(1.0, np.asarray(logits, np.float64), np.asarray(labels, np.int64), w / w.sum())[0]
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None,
                     max_iter: int = 100, tol: float = 1e-10) -> float:
   """The temperature T > 0 minimising the (weighted) NLL of softmax(logits / T) over [N, C] logits.

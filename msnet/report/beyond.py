@@ -84,23 +84,26 @@ def _merged(loaded: Sequence[Mapping[str, Any]], method: str, specs: Sequence[st
   return calibration.merge(hists) if hists else None
 
 
+def _bin_specs(run: Mapping[str, Any]) -> list[tuple[str, list[str], list[str]]]:
+  """Per bin of the run's config: its name, its training specs that were evaluated, and every evaluated spec
+  whose true bin it is (W/eval/master.json); [] without those files."""
+  if not run["config"] or not run["master"]:
+    return []
+  cells = run["master"]["specs"]
+  return [(b["name"], [s for s in b["train_specs"] if s in cells],
+           [s for s, c in cells.items() if c.get("true_bin") == k]) for k, b in enumerate(run["config"]["bins"])]
+
+
 def branch_ece_rows(loaded: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Per branch and scope: ECE raw and calibrated with intervals, on the pooled images of every run."""
-  first = loaded[0]
-  if not first["config"] or not first["master"]:
-    return []
-  bins = first["config"]["bins"]
-  cells = first["master"]["specs"]
   out = []
-  for k, b in enumerate(bins):
-    scopes = (("the bin's training specs", [s for s in b["train_specs"] if s in cells]),
-              ("every spec of the bin", [s for s, c in cells.items() if c.get("true_bin") == k]))
-    for scope, specs in scopes:
-      raw, cal = _merged(loaded, f"branch_{b['name']}", specs), _merged(loaded, f"branch_{b['name']}_cal", specs)
+  for name, train_specs, every_spec in _bin_specs(loaded[0]):
+    for scope, specs in (("the bin's training specs", train_specs), ("every spec of the bin", every_spec)):
+      raw, cal = _merged(loaded, f"branch_{name}", specs), _merged(loaded, f"branch_{name}_cal", specs)
       if not specs or raw is None or cal is None:
         continue
       r, c = ece_interval(raw), ece_interval(cal)
-      out.append(dict(branch=b["name"], scope=scope, specs=" ".join(specs), n=int(sum(cal["count"])),
+      out.append(dict(branch=name, scope=scope, specs=" ".join(specs), n=int(sum(cal["count"])),
                       ece_raw=r["point"], ece_raw_lo=r["lo"], ece_raw_hi=r["hi"], ece_calibrated=c["point"],
                       ece_calibrated_lo=c["lo"], ece_calibrated_hi=c["hi"],
                       meets_target=_target(c)))
@@ -117,17 +120,14 @@ def _target(ci: Mapping[str, float]) -> str:
 def reliability_figure(loaded: Sequence[Mapping[str, Any]], path: pathlib.Path) -> str | None:
   """Per branch: accuracy against mean confidence per confidence bin, raw and calibrated, on every spec of its
   bin (the pooled images)."""
-  first = loaded[0]
-  if not first["config"] or not first["master"]:
+  bins = _bin_specs(loaded[0])
+  if not bins:
     return "the runs lack config.json or W/eval/master.json"
-  bins = first["config"]["bins"]
-  cells = first["master"]["specs"]
   panels = []
-  for k, b in enumerate(bins):
-    specs = [s for s, c in cells.items() if c.get("true_bin") == k]
-    raw, cal = _merged(loaded, f"branch_{b['name']}", specs), _merged(loaded, f"branch_{b['name']}_cal", specs)
+  for name, _, specs in bins:
+    raw, cal = _merged(loaded, f"branch_{name}", specs), _merged(loaded, f"branch_{name}_cal", specs)
     if raw is not None and cal is not None:
-      panels.append((b["name"], raw, cal))
+      panels.append((name, raw, cal))
   if not panels:
     return "no branch_<bin>_cal results (evaluate ams_cal or map_cal with `branches`)"
   fig = Figure(figsize=(3.6 * len(panels), 3.6))

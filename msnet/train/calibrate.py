@@ -98,17 +98,6 @@ class _Prefix:
     return self._source.read(i)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-  z = np.asarray(z, np.float64) - np.max(z, axis=-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(axis=-1, keepdims=True)
-
-
-def _nll(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
-  p = _softmax(logits)[np.arange(len(labels)), labels]
-  return float(np.sum(weights * -np.log(np.maximum(p, 1e-300))) / np.sum(weights))
-
-
 def fit(config: ml_collections.ConfigDict, logits: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
   """Temperatures and their before/after ECE and NLL from `holdout_logits`' output (host NumPy only)."""
   rules = [list(b.match) for b in config.bins]
@@ -136,14 +125,15 @@ def fit(config: ml_collections.ConfigDict, logits: dict[str, dict[str, np.ndarra
     entry = {"bin": name, "temperature": t, "own_bin_temperature": t_own}
     for scope, sel in (("own_bin", own[k]), ("all_bins", np.ones(len(labels), bool))):
       for tag, z in (("raw", branch[sel, k]), ("calibrated", branch[sel, k] / t), ("own_bin_t", branch[sel, k] / t_own)):
-        entry[f"ece_{scope}_{tag}"] = calibration.ece(calibration.histogram(_softmax(z), labels[sel], num_ece))
-        entry[f"nll_{scope}_{tag}"] = _nll(z, labels[sel], weights[sel])
+        entry[f"ece_{scope}_{tag}"] = calibration.ece(calibration.histogram(calibration.softmax(z), labels[sel], num_ece))
+        entry[f"nll_{scope}_{tag}"] = calibration.nll(z, labels[sel], weights[sel])
     branches.append(entry)
   t_master = calibration.fit_temperature(master, bins, weights)
   return {"branches": branches, "temperatures": [b["temperature"] for b in branches],
           "own_bin_temperatures": [b["own_bin_temperature"] for b in branches],
           "master_temperature": t_master,
-          "master_nll_raw": _nll(master, bins, weights), "master_nll_calibrated": _nll(master / t_master, bins, weights),
+          "master_nll_raw": calibration.nll(master, bins, weights),
+          "master_nll_calibrated": calibration.nll(master / t_master, bins, weights),
           "records": {s: int(len(v["label"])) for s, v in logits.items()}, "ece_bins": num_ece}
 
 
