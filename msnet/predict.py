@@ -30,7 +30,7 @@ import numpy as np
 from msnet import config as config_lib, decision, degradations, errors, models, parallel
 from msnet import train as train_lib
 from msnet.data import shards
-from msnet.data.sources import _shape
+from msnet.data.sources import shape as _shape
 from msnet.evaluate import plan as plan_lib
 from msnet.train import calibrate
 

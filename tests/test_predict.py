@@ -28,7 +28,7 @@ import pytest
 
 import msnet
 from msnet import config as config_lib, degradations, errors, files, models, predict
-from msnet.data import sources
+from msnet.data import reader, sources
 from msnet.degradations import codecs
 from test_evaluate import _random_params  # He-scaled random params from a module's shapes
 
@@ -221,7 +221,7 @@ def test_bitstream_reads_files_without_the_master(setup: dict[str, Any], tmp_pat
   records = [json.loads(line) for line in out.getvalue().splitlines()]
   assert [r["branch"] for r in records] == ["clean", "jpeg", "jp2k"]
   assert "master" not in p.loaded and p.loaded == ["slave"]
-  pixels = np.stack([x[0], read[1].image, sources._shape(read[2].image, 32, 0, "c")])
+  pixels = np.stack([x[0], read[1].image, sources.shape(read[2].image, 32, 0, "c")])
   probs, _, _ = setup["reference"]("bitstream", pixels, np.array([0, 1, 2]))
   for r, ref in zip(records, probs):
     assert r["index"] == ref.argmax() and r["class"] == NAMES[ref.argmax()]
@@ -239,7 +239,7 @@ def test_jp2_container_counts_the_codestream_only(tmp_path: pathlib.Path) -> Non
   box = lambda kind, payload: (8 + len(payload)).to_bytes(4, "big") + kind + payload  # noqa: E731
   ihdr = box(b"ihdr", (64).to_bytes(4, "big") * 2 + (3).to_bytes(2, "big") + bytes([7, 7, 0, 0]))
   colr = box(b"colr", bytes([1, 0, 0]) + (16).to_bytes(4, "big"))
-  jp2 = (files.JP2_SIGNATURE + box(b"ftyp", b"jp2 " + bytes(4) + b"jp2 ") + box(b"jp2h", ihdr + colr)
+  jp2 = (reader.JP2_SIGNATURE + box(b"ftyp", b"jp2 " + bytes(4) + b"jp2 ") + box(b"jp2h", ihdr + colr)
          + box(b"jp2c", with_com))
   (tmp_path / "x.jp2").write_bytes(jp2)
   read = files.read_image(tmp_path / "x.jp2")
@@ -267,7 +267,7 @@ def test_other_sizes_are_shaped_as_the_sources(setup: dict[str, Any], predictor:
   images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), rng.integers(0, 256, (36, 33), dtype=np.uint8),
             rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)]
   grey = np.repeat(images[1][..., None], 3, 2)
-  expected = np.stack([sources._shape(images[0], 32, 0, "a"), sources._shape(grey, 32, 0, "b"), images[2][..., :3]])
+  expected = np.stack([sources.shape(images[0], 32, 0, "a"), sources.shape(grey, 32, 0, "b"), images[2][..., :3]])
   out = predictor.predict(images, rule="baseline")
   _check(out, setup["reference"]("baseline", expected), "shaped")
   with pytest.raises(sources.ImageTooSmallError, match=r"images\[0\]: image is 20x40.*resize_shorter"):
@@ -276,7 +276,7 @@ def test_other_sizes_are_shaped_as_the_sources(setup: dict[str, Any], predictor:
   resizing = predict.Predictor(setup["workdir"], _config(), NAMES, 16)
   resizing.config.data.resize_shorter = 48
   shaped = resizing.shape(images[0])
-  np.testing.assert_array_equal(shaped, sources._shape(images[0], 32, 48, "a"))
+  np.testing.assert_array_equal(shaped, sources.shape(images[0], 32, 48, "a"))
   assert not np.array_equal(shaped, expected[0])
 
 

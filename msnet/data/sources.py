@@ -34,18 +34,11 @@ import numpy as np
 import PIL.Image
 
 from msnet import errors
+from msnet.data import reader
+from msnet.data.reader import CorruptImageError, ImageTooSmallError
 
 EMBEDDED_DIR = pathlib.Path(__file__).resolve().parent / "embedded" / "cifar10"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
-class CorruptImageError(errors.UserError, ValueError):
-  """A source image cannot be decoded; the message names the file."""
-
-
-class ImageTooSmallError(CorruptImageError):
-  """A source image smaller than `data.image_size` without `resize_shorter`: unusable like a corrupt one,
-  so `degrade.on_corrupt` decides (skip it, or refuse it with its name)."""
 
 
 class ImageSource:
@@ -66,7 +59,7 @@ class ImageSource:
     if not 0 <= i < len(self):
       raise IndexError(f"index {i} out of range for a source of {len(self)} images")
     array, label = self._load(i)
-    return {"image": _shape(array, self._image_size, self._resize_shorter, self.names[i]), "label": label}
+    return {"image": shape(array, self._image_size, self._resize_shorter, self.names[i]), "label": label}
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
     """The decoded RGB image (any size) and label of record i."""
@@ -101,7 +94,7 @@ class _ArchiveFolder(ImageSource):
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
     offset, size = self._spans[i]
-    return _decode_bytes(self._data[offset:offset + size], self.names[i]), self._labels[i]
+    return reader.decode_pillow(self._data[offset:offset + size], self.names[i]), self._labels[i]
 
 
 class _DirFolder(ImageSource):
@@ -126,7 +119,7 @@ class _DirFolder(ImageSource):
       data = pathlib.Path(self.names[i]).read_bytes()
     except OSError as e:
       raise CorruptImageError(f"{self.names[i]}: {e}") from None
-    return _decode_bytes(data, self.names[i]), self._labels[i]
+    return reader.decode_pillow(data, self.names[i]), self._labels[i]
 
 
 class _TfdsSource(ImageSource):
@@ -145,7 +138,7 @@ class _TfdsSource(ImageSource):
       record = self._ds[i]
     except Exception as e:  # TFDS raises whatever its image decoder raises on a bad record
       raise CorruptImageError(f"{self.names[i]}: {e}") from None
-    return _to_rgb(np.asarray(record["image"]), self.names[i]), int(record["label"])
+    return reader.to_rgb(np.asarray(record["image"]), self.names[i]), int(record["label"])
 
 
 def open_source(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
@@ -217,31 +210,7 @@ def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _decode_bytes(data: bytes | memoryview, name: str) -> np.ndarray:
-  try:
-    with PIL.Image.open(io.BytesIO(data)) as im:
-      im.load()
-      if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-      elif im.mode == "LA":
-        im = im.convert("RGBA")
-      elif im.mode not in ("L", "RGB", "RGBA"):
-        im = im.convert("RGB")  # CMYK, 16-bit grey, ...: Pillow's conversion
-      array = np.asarray(im)
-  except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
-    raise CorruptImageError(f"{name}: cannot decode image: {e}") from None
-  return _to_rgb(array, name)
-
-
-def _to_rgb(array: np.ndarray, name: str) -> np.ndarray:
-  from msnet import degradations  # noqa: PLC0415 (import cycle free: degradations never imports data)
-  try:
-    return degradations.as_rgb_uint8(array)
-  except ValueError as e:
-    raise CorruptImageError(f"{name}: {e}") from None
-
-
-def _shape(image: np.ndarray, size: int, shorter: int, name: str) -> np.ndarray:
+def shape(image: np.ndarray, size: int, shorter: int, name: str) -> np.ndarray:
   """Resize the shorter side to `shorter` (if > 0), then center-crop size x size."""
   h, w = image.shape[:2]
   if shorter > 0 and min(h, w) != shorter:

@@ -95,7 +95,7 @@ class CellSource:
   def _example(self, i: int) -> tuple[np.ndarray, int, int]:
     """(shaped image, label, bitstream bin) of record i; raises CorruptImageError when it cannot be used."""
     image, bin_ = self._load(i)
-    return sources._shape(image, self._size, self._shorter, self.names[i]), self.labels[i], bin_
+    return sources.shape(image, self._size, self._shorter, self.names[i]), self.labels[i], bin_
 
   def _unusable(self) -> tuple[np.ndarray, int, int]:
     return np.zeros((self._size, self._size, 3), np.uint8), -1, 0
