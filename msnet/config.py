@@ -185,6 +185,11 @@ def base_config() -> ml_collections.ConfigDict:
       methods=("baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "comparisons"),
       sweeps=("clean", "jpeg", "jp2k", "noise", "blur",
               "noise_jpeg", "noise_jp2k", "blur_jpeg", "blur_jp2k"),
+      # Each spec's records on the devices once, every batch evaluated by one scanned call, or streamed from
+      # the host batch by batch: "on", "off", a budget in bytes per device (e.g. "2e9": a spec whose records
+      # take more streams), or "auto": on accelerators half their free memory, on the CPU "off" (measured
+      # faster there: benchmarks/bench_eval.py). The results are the same either way.
+      device_data="auto",
   ))
 
   c.mesh = (("data", -1),)          # mesh axes and sizes; -1 takes the remaining devices
@@ -389,10 +394,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.train.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
   _check(c.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
   _check(c.evaluate.global_batch >= 1, "evaluate.global_batch", "must be >= 1")
+  _check(_device_data_ok(c.evaluate.device_data), "evaluate.device_data",
+         f"must be 'auto', 'on', 'off' or a budget in bytes per device >= 0, got {c.evaluate.device_data!r}")
   for i, axis in enumerate(c.mesh):
     _check(len(axis) == 2 and isinstance(axis[0], str) and isinstance(axis[1], int), f"mesh[{i}]",
            f"must be a (name, size) pair, got {axis!r}")
   _check(c.mesh[0][0] == "data", "mesh", "the first mesh axis must be 'data'")
+
+
+def _device_data_ok(value: Any) -> bool:
+  """A device_data field: a mode or a number of bytes (a string from the command line, or a number)."""
+  if value in ("auto", "on", "off"):
+    return True
+  try:
+    return float(value) >= 0
+  except (TypeError, ValueError):
+    return False
 
 
 def _spec_ok(degradations: Any, spec: str, field: str) -> None:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import jax
@@ -21,10 +24,10 @@ import numpy as np
 import pytest
 
 from msnet import calibration, config as config_lib
-from msnet import evaluate, models
+from msnet import evaluate, models, parallel
 from msnet import train as train_lib
 from msnet.data import shards
-from msnet.evaluate import run as evaluate_run
+from msnet.evaluate import resident, run as evaluate_run
 from msnet.report import stats
 
 RECORDS = 37            # not a multiple of the global batch: the last batch is padded
@@ -99,6 +102,37 @@ def _counts(probs: np.ndarray, labels: np.ndarray) -> tuple[int, int, np.ndarray
   return int(top1.sum()), top5, top1
 
 
+def _models(cfg: Any) -> tuple[Any, Any, Any, Any]:
+  """The slave (K=3), the K=1 network, the master and the AlexNet of the config."""
+  return (models.build_slave(cfg.model, 10, 3), models.build_slave(cfg.model, 10, 1),
+          models.build_master(cfg.master, 3), models.build_slave(config_lib.alexnet_model(cfg), 10, 1))
+
+
+def _stage_params(cfg: Any) -> tuple[dict[str, Any], np.ndarray]:
+  """Every stage's random params (the same in any process: seeded) and DeepCloak's feature mask."""
+  slave, single, master, alexnet = _models(cfg)
+  rng = np.random.default_rng(1)
+  base = _random_params(single, rng)
+  # As trained: the branches and DA fc8 keep the baseline's trunk; stability retrains everything.
+  params = dict(baseline=base, slave=dict(_random_params(slave, rng), trunk=base["trunk"]),
+                da_fc8=dict(_random_params(single, rng), trunk=base["trunk"]),
+                stability=_random_params(single, rng), master=_random_params(master, rng),
+                gate=_random_params(master, rng),
+                alexnet_baseline=_random_params(alexnet, rng))
+  mask = np.ones(params["baseline"]["trunk"]["conv4_3"]["bias"].shape, np.float32)
+  mask[::3] = 0.0
+  return params, mask
+
+
+def _stand_in(monkeypatch: Any, params: dict[str, Any], mask: np.ndarray) -> None:
+  """Random-init params stand in for the checkpoints of the completed stages."""
+  monkeypatch.setattr(train_lib, "load_params", lambda workdir, stage: params[stage])
+  monkeypatch.setattr(train_lib, "load_baseline", lambda workdir, config: params["baseline"])
+  monkeypatch.setattr(train_lib, "load_slave_params", lambda workdir, config: params["slave"])
+  monkeypatch.setattr(train_lib, "load_feature_mask", lambda workdir: mask)
+  monkeypatch.setattr(train_lib, "load_gate_params", lambda workdir: params["gate"])
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   workdir = tmp_path_factory.mktemp("w")
@@ -113,20 +147,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
   (workdir / "train" / "calibrate" / "DONE.json").write_text(json.dumps(
       {"temperatures": TEMPERATURES, "own_bin_temperatures": OWN_BIN_TEMPERATURES,
        "master_temperature": MASTER_TEMPERATURE}))
-  slave = models.build_slave(cfg.model, 10, 3)
-  single = models.build_slave(cfg.model, 10, 1)
-  master = models.build_master(cfg.master, 3)
-  alexnet = models.build_slave(config_lib.alexnet_model(cfg), 10, 1)
-  rng = np.random.default_rng(1)
-  base = _random_params(single, rng)
-  # As trained: the branches and DA fc8 keep the baseline's trunk; stability retrains everything.
-  params = dict(baseline=base, slave=dict(_random_params(slave, rng), trunk=base["trunk"]),
-                da_fc8=dict(_random_params(single, rng), trunk=base["trunk"]),
-                stability=_random_params(single, rng), master=_random_params(master, rng),
-                gate=_random_params(master, rng),
-                alexnet_baseline=_random_params(alexnet, rng))
-  mask = np.ones(params["baseline"]["trunk"]["conv4_3"]["bias"].shape, np.float32)
-  mask[::3] = 0.0
+  slave, single, master, alexnet = _models(cfg)
+  params, mask = _stage_params(cfg)
   # Unsharded reference forward passes, on one device.
   apply = dict(slave=jax.jit(lambda p, x: slave.apply({"params": p}, x)),
                single=jax.jit(lambda p, x, m=None: single.apply({"params": p}, x, feature_mask=m)),
@@ -139,12 +161,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture
 def trained(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
   """Random-init params stand in for the checkpoints of the completed stages."""
-  p = setup["params"]
-  monkeypatch.setattr(train_lib, "load_params", lambda workdir, stage: p[stage])
-  monkeypatch.setattr(train_lib, "load_baseline", lambda workdir, config: p["baseline"])
-  monkeypatch.setattr(train_lib, "load_slave_params", lambda workdir, config: p["slave"])
-  monkeypatch.setattr(train_lib, "load_feature_mask", lambda workdir: setup["mask"])
-  monkeypatch.setattr(train_lib, "load_gate_params", lambda workdir: p["gate"])
+  _stand_in(monkeypatch, setup["params"], setup["mask"])
   return setup
 
 
@@ -299,3 +316,137 @@ def test_resume_skips_finished_specs(trained: dict[str, Any], monkeypatch: pytes
   assert len(calls) == 2 + len(SPECS) and {r["method"] for r in rows} == {"deepcloak", "stability"}
   key = lambda r: (r["spec"], r["method"], r["correct1"], r["correct5"])  # noqa: E731
   assert sorted(map(key, rows)) == sorted(key(r) for r in before if r["method"] in ("deepcloak", "stability"))
+
+
+def _linked_workdir(setup: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
+  """A workdir of its own (its own W/eval) over the fixture's shards and completed stages."""
+  path.mkdir()
+  for part in ("data", "train"):
+    (path / part).symlink_to(setup["workdir"] / part)
+  return path
+
+
+def _eval_files(workdir: pathlib.Path) -> dict[str, Any]:
+  """Everything an evaluation wrote: results rows and meta, the CSV, master.json, reliability.json and each
+  spec's per-image top-1 bits."""
+  out = workdir / "eval"
+  results = json.loads((out / "results.json").read_text())
+  correct = {}
+  for f in sorted((out / "correct").glob("*.npz")):
+    with np.load(f) as z:
+      correct[f.name] = {k: z[k] for k in z.files}
+  return dict(rows=results["rows"], meta=results["meta"], csv=(out / "results.csv").read_text().splitlines(),
+              master=json.loads((out / "master.json").read_text()),
+              reliability=json.loads((out / "reliability.json").read_text()), correct=correct)
+
+
+def _assert_same_files(host: dict[str, Any], device: dict[str, Any]) -> None:
+  """Bits, counts, confusions and histogram counts exactly; the float32 sums of confidences (and the ECE from
+  them) to rounding: the two paths may fuse the per-batch additions differently."""
+  assert device["correct"].keys() == host["correct"].keys() and len(host["correct"]) == len(SPECS)
+  for name, arrays in host["correct"].items():
+    assert device["correct"][name].keys() == arrays.keys()
+    for k, v in arrays.items():
+      assert np.array_equal(device["correct"][name][k], v), (name, k)
+  assert device["master"] == host["master"]
+  drop = lambda r: {k: v for k, v in r.items() if k != "ece"}  # noqa: E731
+  assert [drop(r) for r in device["rows"]] == [drop(r) for r in host["rows"]]
+  for a, b in zip(device["rows"], host["rows"]):
+    assert a["ece"] == (None if b["ece"] is None else pytest.approx(b["ece"], abs=1e-6)), (a["method"], a["spec"])
+  for spec, methods in host["reliability"]["specs"].items():
+    for m, h in methods.items():
+      d = device["reliability"]["specs"][spec][m]
+      assert (d["count"], d["correct"]) == (h["count"], h["correct"]), (spec, m)
+      assert d["confidence"] == pytest.approx(h["confidence"], rel=1e-6, abs=1e-6), (spec, m)
+  assert len(device["csv"]) == len(host["csv"]) and device["csv"][0] == host["csv"][0]
+  ignore = ("wall_s", "device_data")
+  assert {k: v for k, v in device["meta"].items() if k not in ignore} == {
+      k: v for k, v in host["meta"].items() if k not in ignore}
+
+
+def test_device_resident_gives_the_host_files(trained: dict[str, Any], tmp_path: pathlib.Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+  """Every spec's records on the devices, one scanned call per group: the host path's files, on 8 devices and
+  on a mesh of 1 (the padded last batch masked out in both)."""
+  cfg = _config()
+  cfg.evaluate.device_data = "off"
+  evaluate.run_evaluate(cfg, _linked_workdir(trained, tmp_path / "host"))
+  host = _eval_files(tmp_path / "host")
+  assert host["meta"]["device_data"] == []
+
+  cfg.evaluate.device_data = "on"
+  streamed = []
+  monkeypatch.setattr(evaluate_run, "evaluate_batches", lambda *a, **k: streamed.append(a) or {})
+  evaluate.run_evaluate(cfg, _linked_workdir(trained, tmp_path / "device8"))
+  device8 = _eval_files(tmp_path / "device8")
+  assert streamed == [] and device8["meta"]["device_data"] == list(SPECS)
+  assert device8["meta"]["traces"] == {"shared": 1, "single_vgg16": 1, "single_alexnet": 1}  # one scan each
+  _assert_same_files(host, device8)
+
+  one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  monkeypatch.setattr(parallel, "make_mesh", lambda axes: one)
+  evaluate.run_evaluate(cfg, _linked_workdir(trained, tmp_path / "device1"))
+  _assert_same_files(host, _eval_files(tmp_path / "device1"))
+
+
+def test_device_data_budget(setup: dict[str, Any]) -> None:
+  """The bytes a spec takes per device, as placed; the budget decides the path; the field is validated."""
+  cfg, mesh = _config(), parallel.make_mesh(_config().mesh)
+  local = resident.read_local(setup["workdir"], "test", "jpeg:10", GLOBAL_BATCH)   # two shard files
+  placed = resident.place(local, mesh, GLOBAL_BATCH)
+  batches = -(-RECORDS // GLOBAL_BATCH)
+  assert placed["image"].shape == (batches, GLOBAL_BATCH, 32, 32, 3)
+  flat = {k: np.asarray(v).reshape(batches * GLOBAL_BATCH, *v.shape[2:]) for k, v in placed.items()}
+  d = setup["data"]["jpeg:10"]
+  assert np.array_equal(flat["mask"], np.arange(batches * GLOBAL_BATCH) < RECORDS)
+  for k in ("image", "label", "bin", "bitstream_bin"):
+    assert np.array_equal(flat[k][:RECORDS], d[k]) and not flat[k][RECORDS:].any(), k
+  per_device = sum(a.addressable_shards[0].data.nbytes for a in placed.values())
+  assert {len(a.addressable_shards) for a in placed.values()} == {8}
+  assert resident.bytes_per_device(RECORDS, (32, 32, 3), GLOBAL_BATCH, mesh) == per_device
+
+  for setting, expected in (("on", True), ("off", False), ("auto", False),  # "auto": the host path on the CPU
+                            (str(per_device), True), (str(per_device - 1), False), ("1e9", True)):
+    cfg.evaluate.device_data = setting
+    config_lib.validate(cfg)
+    assert resident.choose(cfg, mesh, [RECORDS, 0]) == [expected, True], setting
+  for bad in ("lots", "-1", ""):
+    cfg.evaluate.device_data = bad
+    with pytest.raises(config_lib.ConfigError, match="evaluate.device_data"):
+      config_lib.validate(cfg)
+
+
+_TWO_PROCESS_SCRIPT = """
+import pathlib, sys
+sys.path.insert(0, {tests!r})
+import pytest
+import test_evaluate as t
+from msnet import evaluate, parallel
+parallel.maybe_initialize_distributed()
+cfg = t._config()
+t._stand_in(pytest.MonkeyPatch(), *t._stage_params(cfg))
+cfg.evaluate.device_data = "on"
+evaluate.run_evaluate(cfg, pathlib.Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_device_resident_two_processes(trained: dict[str, Any], tmp_path: pathlib.Path) -> None:
+  """2 processes x 4 devices, each putting its half of every spec on its devices: the files of the host path
+  on 1 process x 8 devices."""
+  cfg = _config()
+  cfg.evaluate.device_data = "off"
+  evaluate.run_evaluate(cfg, _linked_workdir(trained, tmp_path / "host"))
+  two = _linked_workdir(trained, tmp_path / "two")
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MSNET_")}
+  script = _TWO_PROCESS_SCRIPT.format(tests=str(root / "tests"))
+  done = subprocess.run(["bash", str(root / "launch" / "local.sh"), "--processes", "2", "--devices-per-process", "4",
+                         "--", sys.executable, "-c", script, str(two)], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  files = _eval_files(two)
+  assert files["meta"]["processes"] == 2 and files["meta"]["device_data"] == list(SPECS)
+  host = _eval_files(tmp_path / "host")
+  host["meta"]["processes"] = 2
+  _assert_same_files(host, files)

@@ -14,6 +14,11 @@ is fixed; padding rows are masked):
 Methods whose training stages are not complete are skipped, printed and listed in the meta as "missing".
 Sums are global arrays reduced by jit across devices and processes and fetched once per spec.
 
+Two data paths, the same results (resident.py; config.evaluate.device_data decides per spec): a spec's records
+put on the devices once, every batch of it run by each group's step scanned (`lax.scan`) in one call, the next
+spec read on a thread meanwhile; or streamed from the shards batch by batch (loader.eval_batches), one call
+per batch, for data that does not fit the budget.
+
 Outputs (process 0 writes):
   W/eval/cells.jsonl   one line per finished spec (the resume log; a rerun skips specs whose line has
                        the same set of methods and whose per-image file exists).
@@ -27,7 +32,8 @@ Outputs (process 0 writes):
                          psnr (mean over images with finite PSNR, null if all identical), bpp (mean or null).
                        meta: methods, missing ({method: why}), bins, sweeps ({name: canonical specs}),
                          specs, skipped (count of source records degrade skipped as unreadable, what n leaves
-                         out; null without a manifest), evaluated_now, global_batch, devices, processes, traces
+                         out; null without a manifest), evaluated_now, device_data (the specs of evaluated_now
+                         evaluated from device-resident records), global_batch, devices, processes, traces
                          (compiles per group in this call), flops (per image: slave, master, baseline), wall_s.
   W/eval/results.csv   the same rows (sweeps joined with ';', null as empty).
   W/eval/correct/<spec slug>.npz  every method's top-1 per record of the spec (packed bits, record order: every
@@ -48,10 +54,10 @@ from msnet.evaluate.groups import Groups, build_groups
 from msnet.evaluate.plan import ROUTED, Plan, make_plan, method_names, spec_plan, stage_done
 from msnet.evaluate.results import (ROW_FIELDS, correct_path, read_cells, rows_of, skipped_records, spec_fields,
                                    spec_stats, wilson, write_correct, write_results)
-from msnet.evaluate.run import evaluate_batches, evaluate_spec, run_evaluate
+from msnet.evaluate.run import evaluate_batches, evaluate_resident, evaluate_spec, run_evaluate
 from msnet.evaluate.steps import Layout, make_shared_step, make_single_step
 
 __all__ = ["ROUTED", "ROW_FIELDS", "Groups", "Layout", "Plan", "build_groups", "correct_path", "evaluate_batches",
-           "evaluate_spec", "make_plan", "make_shared_step", "make_single_step", "method_names", "read_cells",
-           "rows_of", "run_evaluate", "run_external", "skipped_records", "spec_fields", "spec_plan", "spec_stats",
-           "stage_done", "wilson", "write_correct", "write_results"]
+           "evaluate_resident", "evaluate_spec", "make_plan", "make_shared_step", "make_single_step", "method_names",
+           "read_cells", "rows_of", "run_evaluate", "run_external", "skipped_records", "spec_fields", "spec_plan",
+           "spec_stats", "stage_done", "wilson", "write_correct", "write_results"]

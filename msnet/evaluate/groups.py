@@ -19,11 +19,14 @@ from msnet.evaluate.steps import Layout, make_shared_step, make_single_step
 
 @dataclasses.dataclass
 class Groups:
-  """The two jitted steps and their placed arguments, built once per run."""
+  """The jitted steps and their placed arguments, built once per run; each step also scanned over a spec's
+  device-resident batches (jit compiles only the form a run calls)."""
   shared_step: Callable[..., dict[str, jax.Array]]
+  shared_scan: Callable[..., dict[str, jax.Array]]
   shared_args: tuple[Any, ...]   # params, dc_params, master_params, gate_params, temperatures, feature_mask
   layout: Layout
-  single: dict[str, tuple[Callable[..., dict[str, jax.Array]], Any]]  # method -> (its arch's step, placed params)
+  single: dict[str, tuple[Callable[..., dict[str, jax.Array]], Callable[..., dict[str, jax.Array]], Any]]
+  # ^ method -> (its arch's step, the same scanned, placed params)
   traces: dict[str, int]
   flops: dict[str, float]
 
@@ -106,8 +109,9 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
   if plan.calibrated:
     from msnet.train.calibrate import load_temperatures  # noqa: PLC0415
     temperatures = jax.device_put(load_temperatures(workdir, num_bins), parallel.replicated(mesh))
-  shared_step = make_shared_step(module, single_model, master, layout, num_bins, mesh,
-                                 (params_sh, dc_sh, master_sh, gate_sh), traces)
+  shared_step, shared_scan = (make_shared_step(module, single_model, master, layout, num_bins, mesh,
+                                               (params_sh, dc_sh, master_sh, gate_sh), traces, stacked)
+                              for stacked in (False, True))
 
   # Methods with a trunk of their own: one jitted step per architecture (VGG-16: stability; AlexNet).
   single, steps = {}, {}
@@ -123,7 +127,9 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
       raise ValueError(f"evaluate: params of stage {m!r} do not match the {arch_cfg.arch} model of this config")
     shardings = parallel.param_shardings(p, mesh, rules)
     if arch_cfg.arch not in steps:
-      steps[arch_cfg.arch] = make_single_step(model, mesh, shardings, traces, name=f"single_{arch_cfg.arch}")
-    single[m] = (steps[arch_cfg.arch], jax.device_put(p, shardings))
-  return Groups(shared_step, (params, dc_params, master_params, gate_params, temperatures, feature_mask), layout,
-                single, traces, flops)
+      steps[arch_cfg.arch] = tuple(make_single_step(model, mesh, shardings, traces, f"single_{arch_cfg.arch}",
+                                                    stacked) for stacked in (False, True))
+    single[m] = (*steps[arch_cfg.arch], jax.device_put(p, shardings))
+  return Groups(shared_step, shared_scan,
+                (params, dc_params, master_params, gate_params, temperatures, feature_mask), layout, single, traces,
+                flops)

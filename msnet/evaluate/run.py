@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import pathlib
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import ml_collections
@@ -15,6 +16,7 @@ import tqdm
 
 from msnet import degradations, errors, models, parallel
 from msnet.data import loader
+from msnet.evaluate import resident
 from msnet.evaluate.groups import Groups, build_groups
 from msnet.evaluate.plan import make_plan, method_names, spec_plan
 from msnet.evaluate.results import (append_cell, correct_path, read_cells, rows_of, skipped_records, spec_fields,
@@ -42,11 +44,19 @@ def receptive_fields(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 
 def evaluate_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path, spec: str, groups: Groups,
-                  mesh: Any, total_batches: int | None) -> dict[str, Any]:
+                  mesh: Any, total_batches: int | None, local: dict[str, np.ndarray] | None = None
+                  ) -> dict[str, Any]:
   """All methods on one spec's eval shards -> the spec's cell: counts per method, the bin confusions and, under
-  "correct", each method's top-1 per record in record order (bool [n]; the counts' per-image form)."""
-  batches = loader.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh)
-  out = evaluate_batches(config, groups, mesh, batches, total_batches, spec)
+  "correct", each method's top-1 per record in record order (bool [n]; the counts' per-image form).
+
+  `local`: the spec's records as resident.read_local gave them, evaluated from the devices in one scanned
+  call; None streams them from the shards batch by batch.
+  """
+  if local is None:
+    batches = loader.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh)
+    out = evaluate_batches(config, groups, mesh, batches, total_batches, spec)
+  else:
+    out = evaluate_resident(config, groups, mesh, resident.place(local, mesh, config.evaluate.global_batch))
   n, bit_conf, conf = out["n"], out["bitstream_confusion"], out["master_confusion"]
   master: dict[str, Any] = dict(
       n=n, true_bin=degradations.bin_of(spec, [list(b.match) for b in config.bins]),
@@ -63,25 +73,50 @@ def evaluate_batches(config: ml_collections.ConfigDict, groups: Groups, mesh: An
   master's and the bitstream's bin confusions (int [K, K], rows = the batches' "bin"; the master's None without
   it), "correct": each method's top-1 per unmasked record, in order, and "reliability": per method of the
   shared group, its confidence histogram (msnet.calibration.histogram's form)."""
-  num_bins = len(config.bins)
-  repl = parallel.replicated(mesh)
-  outputs = groups.layout.outputs
-  acc = jax.device_put(zeros(max(len(outputs), 1), num_bins, groups.layout.ece_bins), repl)
-  acc_single = {m: jax.device_put(zeros(1), repl) for m in groups.single}
+  acc, acc_single = _zeros(config, groups, mesh)
   per_batch: list[tuple[list[jax.Array], jax.Array]] = []  # fetched once at the end: the loop never waits on the device
   bar = tqdm.tqdm(total=total_batches, desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0)
   for batch in batches:
     batch = {k: batch[k] for k in BATCH_KEYS}
     acc, top1 = groups.shared_step(acc, *groups.shared_args, batch)
     per_image = [top1]
-    for m, (single_step, params) in groups.single.items():
+    for m, (single_step, _, params) in groups.single.items():
       acc_single[m], top1 = single_step(acc_single[m], params, batch)
       per_image.append(top1)
     per_batch.append((per_image, batch["mask"]))
     bar.update(1)
   bar.close()
+  return _summary(groups, acc, acc_single, _per_image(per_batch, [*groups.layout.outputs, *groups.single], mesh))
+
+
+def evaluate_resident(config: ml_collections.ConfigDict, groups: Groups, mesh: Any, data: dict[str, jax.Array]
+                      ) -> dict[str, Any]:
+  """`evaluate_batches` on one spec's device-resident batches (resident.place: [N, B, ...]), each group's step
+  scanned over all N in one call: the same sums and per-image rows."""
+  acc, acc_single = _zeros(config, groups, mesh)
+  batches = {k: data[k] for k in BATCH_KEYS}
+  acc, top1 = groups.shared_scan(acc, *groups.shared_args, batches)
+  per_image = [top1]
+  for m, (_, single_scan, params) in groups.single.items():
+    acc_single[m], top1 = single_scan(acc_single[m], params, batches)
+    per_image.append(top1)
+  return _summary(groups, acc, acc_single,
+                  _per_image([(per_image, batches["mask"])], [*groups.layout.outputs, *groups.single], mesh, True))
+
+
+def _zeros(config: ml_collections.ConfigDict, groups: Groups, mesh: Any
+           ) -> tuple[dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
+  """Empty sums of the shared group and of each single method, replicated."""
+  repl = parallel.replicated(mesh)
+  acc = jax.device_put(zeros(max(len(groups.layout.outputs), 1), len(config.bins), groups.layout.ece_bins), repl)
+  return acc, {m: jax.device_put(zeros(1), repl) for m in groups.single}
+
+
+def _summary(groups: Groups, acc: dict[str, jax.Array], acc_single: dict[str, dict[str, jax.Array]],
+             correct: dict[str, np.ndarray]) -> dict[str, Any]:
+  """The sums fetched and named: `evaluate_batches`' result."""
+  outputs = groups.layout.outputs
   shared, own = fetch(acc), fetch(acc_single)
-  correct = _per_image(per_batch, [*outputs, *groups.single], mesh)
   n = int(shared["n"])
   counts = {m: dict(correct1=int(shared["correct1"][i]), correct5=int(shared["correct5"][i]), n=n)
             for i, m in enumerate(outputs)}
@@ -94,17 +129,29 @@ def evaluate_batches(config: ml_collections.ConfigDict, groups: Groups, mesh: An
               master_confusion=shared["master_confusion"].astype(int) if groups.layout.master else None)
 
 
-def _per_image(per_batch: list[tuple[list[jax.Array], jax.Array]], names: list[str], mesh: Any
-               ) -> dict[str, np.ndarray]:
+def _per_image(per_batch: list[tuple[list[jax.Array], jax.Array]], names: list[str], mesh: Any,
+               stacked: bool = False) -> dict[str, np.ndarray]:
   """Per batch: the groups' [B, outputs] top-1 arrays and the mask -> method -> bool [n] over all processes,
-  in record order."""
+  in record order; `stacked`: one entry of [N, B, outputs] arrays and the [N, B] mask."""
   if not per_batch:
     return {m: np.zeros(0, bool) for m in names}
-  local = np.concatenate([np.concatenate([*(local_rows(x, mesh) for x in top1), local_rows(mask, mesh)[:, None]],
-                                         axis=1) for top1, mask in per_batch])
+  mine = lambda x: local_rows(x, mesh, stacked)  # noqa: E731
+  local = np.concatenate([np.concatenate([*(mine(x) for x in top1), mine(mask)[:, None]], axis=1)
+                          for top1, mask in per_batch])
   rows = gather_rows(local)
   rows = rows[rows[:, -1]]
   return {m: rows[:, i].copy() for i, m in enumerate(names)}
+
+
+def _read_ahead(specs: list[str], read: Callable[[str], Any]) -> Iterator[Any]:
+  """read(spec) for each spec in order, the next one read on a thread while the caller evaluates this one (at
+  most two specs in memory)."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    ahead = [pool.submit(read, s) for s in specs[:1]]
+    for following in [*specs[1:], None]:
+      this = ahead.pop()
+      ahead += [] if following is None else [pool.submit(read, following)]
+      yield this.result()
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[str, Any]]:
@@ -138,15 +185,23 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[s
   groups = build_groups(config, workdir, plan, mesh)
   if is_writer:
     (out / "receptive_fields.json").write_text(json.dumps(receptive_fields(config), indent=1) + "\n")
-  gb = config.evaluate.global_batch
-  for spec in tqdm.tqdm(todo, desc="evaluate", unit="spec", disable=not is_writer):
+  gb, split = config.evaluate.global_batch, config.data.eval_split
+  quality = {s: spec_stats(workdir, split, s) for s in todo}
+  on_device = resident.choose(config, mesh, [quality[s]["records"] for s in todo])
+  if todo:
+    _log(f"{sum(on_device)} of {len(todo)} specs from device-resident records (evaluate.device_data="
+         f"{config.evaluate.device_data!r}), the others streamed from the host")
+  reads = _read_ahead([s for s, d in zip(todo, on_device) if d],
+                      lambda s: resident.read_local(workdir, split, s, gb))
+  for spec, device in zip(tqdm.tqdm(todo, desc="evaluate", unit="spec", disable=not is_writer), on_device):
     t0 = time.perf_counter()
-    quality = spec_stats(workdir, config.data.eval_split, spec)
-    cell = evaluate_spec(config, workdir, spec, groups, mesh, -(-quality["records"] // gb))
+    local = next(reads) if device else None
+    cell = evaluate_spec(config, workdir, spec, groups, mesh, -(-quality[spec]["records"] // gb), local)
+    del local
     correct = cell.pop("correct")
     cell.update(methods=sorted(names), counts={m: cell["counts"][m] for m in names},
                 reliability={m: h for m, h in cell["reliability"].items() if m in names}, fields=spec_fields(spec),
-                quality=quality, wall_s=round(time.perf_counter() - t0, 3))
+                quality=quality[spec], wall_s=round(time.perf_counter() - t0, 3))
     if is_writer:
       write_correct(out, spec, {m: correct[m] for m in names})
       append_cell(out / "cells.jsonl", cell)
@@ -160,7 +215,8 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> list[dict[s
   meta = dict(methods=names, missing=plan.missing, bins=[b.name for b in config.bins],
               sweeps={name: [str(degradations.parse(s)) for s in config.sweeps[name]]
                       for name in config.evaluate.sweeps},
-              specs=list(spec_sweeps), skipped=None if skipped is None else len(skipped), evaluated_now=todo, global_batch=gb, devices=jax.device_count(),
+              specs=list(spec_sweeps), skipped=None if skipped is None else len(skipped), evaluated_now=todo,
+              device_data=[s for s, d in zip(todo, on_device) if d], global_batch=gb, devices=jax.device_count(),
               processes=jax.process_count(), traces=dict(groups.traces), flops=groups.flops,
               groups={"shared": groups.layout.outputs, "single": list(groups.single)},
               wall_s=round(time.perf_counter() - start, 3))

@@ -1,4 +1,8 @@
-"""The jitted groups: masked top-1/top-5 sums and bin confusions of a batch, reduced across devices by jit."""
+"""The jitted groups: masked top-1/top-5 sums and bin confusions of a batch, reduced across devices by jit.
+
+Every step is jitted two ways from one body: over one global batch [B, ...] fed from the host, and scanned
+(`lax.scan`) over a spec's device-resident batches [N, B, ...] in one call (resident.py puts them there).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from msnet import decision, models, parallel
@@ -98,11 +103,31 @@ class Layout:
             *self.routed]
 
 
+def stacked_sharding(mesh: Any) -> NamedSharding:
+  """A spec's device-resident batches [N, B, ...]: batch i is [B, ...] over "data", as a host-fed batch."""
+  return NamedSharding(mesh, P(None, "data"))
+
+
+def _jit(step: Callable[..., Any], arg_shardings: tuple[Any, ...], mesh: Any, stacked: bool
+         ) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
+  """step(acc, *args, batch) jitted over one global batch, or (stacked) scanned over the leading axis of
+  [N, B, ...] batches in one call: the same sums, added batch by batch in the same order, and the per-image
+  top-1 stacked to [N, B, outputs]."""
+  repl = parallel.replicated(mesh)
+  batches = stacked_sharding(mesh) if stacked else parallel.data_sharding(mesh)
+
+  def scanned(acc: dict[str, jax.Array], *args: Any) -> tuple[dict[str, jax.Array], jax.Array]:
+    *fixed, data = args
+    return jax.lax.scan(lambda a, batch: step(a, *fixed, batch), acc, data)
+  return jax.jit(scanned if stacked else step, in_shardings=(repl, *arg_shardings, batches),
+                 out_shardings=(repl, batches), compiler_options=models.compiler_options())
+
+
 def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, num_bins: int, mesh: Any,
-                     shardings: tuple[Any, Any, Any, Any], traces: dict[str, int]
+                     shardings: tuple[Any, Any, Any, Any], traces: dict[str, int], stacked: bool = False
                      ) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
   """acc, params, dc_params, master_params, gate_params, temperatures, feature_mask, batch -> (acc plus this
-  batch's sums, top-1 per image [B, outputs]).
+  batch's sums, top-1 per image [B, outputs]); `stacked`: batch holds [N, B, ...] and top-1 is [N, B, outputs].
 
   The trunk runs once; every stacked head (K=1 methods sharing the baseline's trunk, then the slave's K
   branches) runs on its features in one vmapped call; DeepCloak's head on the masked features; the master
@@ -153,15 +178,14 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
     out["reliability"] = acc["reliability"] + _reliability(every, batch["label"], mask, layout.ece_bins)
     return out, top1
 
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, *shardings, repl, repl, data), out_shardings=(repl, data),
-                 compiler_options=models.compiler_options())
+  repl = parallel.replicated(mesh)
+  return _jit(step, (*shardings, repl, repl), mesh, stacked)
 
 
-def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int], name: str = "single"
-                     ) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
+def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int], name: str = "single",
+                     stacked: bool = False) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
   """acc, params, batch -> (acc, top-1 per image [B, 1]): one whole K=1 network (a method with its own trunk,
-  e.g. stability)."""
+  e.g. stability); `stacked` as in `make_shared_step`."""
   def step(acc, params, batch):
     traces[name] = traces.get(name, 0) + 1
     logits = model.apply({"params": params}, batch["image"], train=False)
@@ -169,14 +193,15 @@ def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[s
     return {"correct1": acc["correct1"] + c1, "correct5": acc["correct5"] + c5,
             "n": acc["n"] + jnp.sum(batch["mask"], dtype=jnp.int32)}, top1
 
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, param_shardings, data), out_shardings=(repl, data),
-                 compiler_options=models.compiler_options())
+  return _jit(step, (param_shardings,), mesh, stacked)
 
 
-def local_rows(x: jax.Array, mesh: Any) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in the order it fed them to the batch."""
-  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, parallel.data_sharding(mesh).spec))
+def local_rows(x: jax.Array, mesh: Any, stacked: bool = False) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in the order it fed them to the batch; `stacked`:
+  of [N, B, ...] batches, flattened to [N * local, ...] (batch after batch, as the host path concatenates)."""
+  spec = (stacked_sharding(mesh) if stacked else parallel.data_sharding(mesh)).spec
+  local = np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
+  return local.reshape(-1, *local.shape[2:]) if stacked else local
 
 
 def gather_rows(local: np.ndarray) -> np.ndarray:
