@@ -1,9 +1,12 @@
 """Sources, the shard record format and reader, and the Grain loaders (8 fake devices from conftest)."""
 
 import io
+import json
 import math
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
@@ -15,7 +18,7 @@ import pytest
 
 from msnet import config as config_lib
 from msnet import parallel
-from msnet.data import loader, shards, sources
+from msnet.data import degrade, loader, shards, sources
 
 IMAGE = 8  # synthetic shard images are 8x8
 
@@ -83,6 +86,88 @@ def test_decode_batch_equals_per_record_decode():
     shards.decode_batch(records + [odd], ["label"])
   with pytest.raises(ValueError, match="at least one record"):
     shards.decode_batch([], ["label"])
+
+
+def _encode_v1(image, meta):
+  """Reference: a record of format 1 as msnet wrote it before version 2 (uint32 length, JSON header, pixels)."""
+  header = json.dumps({"v": 1, "h": image.shape[0], "w": image.shape[1], **meta}, separators=(",", ":")).encode()
+  return struct.pack("<I", len(header)) + header + image.tobytes()
+
+
+def test_record_layout_is_the_documented_fixed_header():
+  """An independent parse (struct, the byte offsets of the format in shards.py) reads what was encoded."""
+  image = np.random.default_rng(2).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  meta = {"label": 3, "spec": "blur:1@4+jpeg:10", "bin": 1, "bitstream_bin": 2, "index": 2**40, "psnr": 27.5,
+          "bpp": 1.25, "jpeg_quality": 10, "ratio": 19.2, "codec": "jpeg"}
+  data = shards.encode_record(image, meta)
+  fields = struct.unpack_from("<4sHHHHHHiiiiqddd", data)
+  assert struct.calcsize("<4sHHHHHHiiiiqddd") == 64
+  assert fields == (b"MSNR", 2, 5, 7, 16, 4, 0, 3, 1, 2, 10, 2**40, 27.5, 1.25, 19.2)
+  assert data[64:64 + 105] == image.tobytes() and data[64 + 105:] == b"blur:1@4+jpeg:10jpeg"
+  external = shards.decode_record(shards.encode_record(image, {"label": -1, "bin": 0, "bitstream_bin": 2}))
+  assert (external["spec"], external["index"], external["jpeg_quality"], external["codec"]) == ("", -1, -1, None)
+  assert math.isnan(external["psnr"]) and math.isnan(external["bpp"]) and math.isnan(external["ratio"])
+  with pytest.raises(ValueError, match=r"unknown keys \['lable'\], missing \['label'\]"):
+    shards.encode_record(image, {"lable": 3, "bin": 0, "bitstream_bin": 0})
+
+
+def test_decode_batch_flips_while_copying():
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (6, 4, 5, 3), dtype=np.uint8)
+  records = [shards.encode_record(im, _meta(i)) for i, im in enumerate(images)]
+  flip = np.array([1, 0, 0, 1, 1, 0], bool)
+  batch = shards.decode_batch(records, ["index", "label"], flip=flip)
+  np.testing.assert_array_equal(batch["image"], np.where(flip[:, None, None, None], images[:, :, ::-1], images))
+  assert batch["index"].tolist() == list(range(6)) and batch["index"].dtype == np.int32
+  with pytest.raises(KeyError, match="integer header fields"):
+    shards.decode_batch(records, ["psnr"])
+
+
+def test_batched_range_and_array_reads_equal_the_written_records(tmp_path):
+  d = _write_spec(tmp_path, "train", "clean", 45, 10)
+  src = shards.open_shards(d)
+  written = [shards.encode_record(_image(i), _meta(i)) for i in range(45)]
+  ids = [44, 0, 13, 13, 9, 10, 31]
+  assert src.read_batch(ids) == [written[i] for i in ids] and src.read_batch([]) == []
+  assert src.read_range(8, 33) == written[8:33] and src.read_range(5, 5) == []
+  arrays = src.read_arrays(7, 41)
+  np.testing.assert_array_equal(arrays["image"], np.stack([_image(i) for i in range(7, 41)]))
+  assert arrays["label"].tolist() == [i % 10 for i in range(7, 41)] and set(arrays) == {"image", *shards.ARRAY_FIELDS}
+  every = shards.spec_arrays(tmp_path, "train", "clean")
+  assert _index(every["image"]).tolist() == list(range(45)) and every["bin"].dtype == np.int32
+  with pytest.raises(IndexError, match="out of range"):
+    src.read_batch([45])
+
+
+def test_old_format_shards_are_refused_with_the_rewrite_command(tmp_path):
+  d = shards.spec_dir(tmp_path, "test", "clean")
+  d.mkdir(parents=True)
+  old = [_encode_v1(_image(i), _meta(i)) for i in range(3)]
+  shards.write_shard(d / shards.shard_name(0, 1), old)
+  with pytest.raises(shards.StaleRecordError, match=re.escape(
+      f"record format 1 (a JSON header per record); this msnet reads record format 2: rewrite the shards with "
+      f"`msnet degrade --workdir={tmp_path}`")):
+    shards.open_shards(d)
+  with pytest.raises(ValueError, match="record format 1"):
+    shards.decode_batch(old, ["label"])
+  with pytest.raises(ValueError, match="no MSNR magic"):
+    shards.decode_record(b"\0" * 80)
+
+
+def test_degrade_rewrites_old_format_shards_in_place(tmp_path, monkeypatch):
+  """What the refusal says works: `msnet degrade` on a workdir of format-1 shards rewrites them."""
+  c = config_lib.base_config()
+  c.data.max_train_examples, c.data.max_eval_examples, c.degrade.num_workers = 6, 6, 0
+  with monkeypatch.context() as m:
+    m.setattr(shards, "FORMAT_VERSION", 1)
+    m.setattr(shards, "encode_record", _encode_v1)
+    degrade.run_degrade(c, tmp_path, specs=["jpeg:50"])
+  with pytest.raises(shards.StaleRecordError, match="msnet degrade"):
+    shards.open_shards(shards.spec_dir(tmp_path, "test", "jpeg:50"))
+  manifest = degrade.run_degrade(c, tmp_path, specs=["jpeg:50"])
+  assert manifest["format"] == shards.FORMAT_VERSION
+  src = shards.open_shards(shards.spec_dir(tmp_path, "test", "jpeg:50"))
+  assert [src[i]["index"] for i in range(6)] == list(range(6)) and src[0]["codec"] == "jpeg"
 
 
 def _splitmix64_top_bit(seed: int, position: int) -> bool:
