@@ -444,3 +444,62 @@ def test_train_loader_mp_prefetch_matches_threads(shard_workdir):
   c = loader.TrainLoader(shard_workdir, "train", ["clean"], None, 16, 1, mesh, True, 1)
   c.set_state(state)
   np.testing.assert_array_equal(next(c)["image"], after["image"])
+
+
+# Today's host-path order, recorded with the loader of commit 8604086 (Grain's threaded iterator over
+# format-1 shards) on `shard_workdir` with label_key="bin": per batch of 16, the stream id of each record
+# (index + 64 * bin: clean 0..63, jpeg:10 64..111) and whether it was flipped.
+RECORDED = {
+  (("clean",), None, 7): (
+    "23 32 26 47 25 9 27 46 42 49 8 53 14 16 36 38 55 17 5 57 3 21 60 61 63 2 24 30 29 0 6 34 43 41 22 28 "
+    "56 37 12 52 44 1 45 58 11 33 31 7 40 18 13 20 10 62 19 48 35 15 50 4 39 59 54 51 17 59 32 20 39 50 "
+    "12 52 26 8 6 27 11 4 1 33 14 53 61 43 57 51 18 42 2 13 23 0 7 35 48 15 45 19 28 10 63 62 37 47 60 9 "
+    "25 3 21 58 49 36 54 31 16 46 38 5 34 55 22 56 29 44 24 30 40 41 28 21 20 54 17 19 0 27 25 43 38 63 "
+    "16 24 46 2 11 5 15 31 58 52 45 22 13 34 33 47 1 55 61 51",
+    "0110110011100101001011011001011010001100010011101110001101001100010001100111011000101110001101011111"
+    "110011000011110010000111101101011110000000100001101000001011"),
+  (("clean", "jpeg:10"), None, 3): (
+    "4 7 27 57 67 109 42 78 53 76 89 63 16 107 61 25 14 30 100 23 51 105 69 6 19 22 46 47 48 90 31 65 98 "
+    "91 33 62 71 73 40 83 2 43 10 9 32 103 5 77 106 92 37 70 11 97 38 85 18 86 87 58 36 59 45 44 74 111 "
+    "49 35 21 41 56 110 102 8 1 24 15 101 80 72 75 50 34 0 12 28 93 99 54 3 104 60 20 79 95 13 108 68 84 "
+    "29 88 52 81 17 39 94 96 82 26 55 64 66 13 27 12 102 53 65 97 8 85 41 47 103 10 22 49 50",
+    "0111100110010101100001000100111100010100100001101111000111010010000101111000110001111110011100110111"
+    "0000101001001100000011110001"),
+  (("clean", "jpeg:10"), (3.0, 1.0), 5): (
+    "30 63 59 87 60 12 25 96 17 5 1 90 18 61 22 111 57 19 7 89 36 28 54 73 27 4 58 91 49 3 45 110 26 56 0 "
+    "106 15 53 62 82 16 37 41 72 35 13 47 83 21 33 31 78 8 48 38 80 43 11 20 100 10 52 42 102 51 34 39 "
+    "104 40 29 2 81 23 14 9 69 50 32 24 79 44 46 6 67 55 23 32 85 26 47 25 103 9 27 46 68 42 49 8 84 53 "
+    "14 16 66 36 38 55 88 17 5 57 94 3 21 60 93 61 63 2 64 24 30 29 70 0 6 34 98 43 41 22 107 28 56 37 "
+    "105 12 52 44 86 1 45 58 92 11 33 31 99 7 40 18 101 13 20 10 76 62 19 48 74",
+    "0000001000101110100100111010101111011001110000000011111110110000101001100000010101110100010111011010"
+    "110000110011100100001101010111001010111101111011000101011000"),
+}
+
+
+@pytest.mark.parametrize("args", list(RECORDED))
+def test_host_path_keeps_todays_order_and_flips(shard_workdir, args):
+  specs, weights, seed = args
+  ids, flips = (np.array(RECORDED[args][0].split(), int), np.array(list(RECORDED[args][1]), int))
+  mesh = parallel.make_mesh([("data", -1)])
+  tl = loader.TrainLoader(shard_workdir, "train", list(specs), weights and list(weights), 16, seed, mesh, True, 0,
+                          label_key="bin")
+  batches = [next(tl) for _ in range(len(ids) // 16)]
+  assert tl.get_state() == {"next_index": len(batches)}  # the state Grain's threaded iterator saved
+  got = np.concatenate([_index(b["image"]) + 64 * np.asarray(b["label"]) for b in batches])
+  ramps = np.concatenate([np.asarray(b["image"])[:, 0, :, 2] for b in batches])
+  np.testing.assert_array_equal(got, ids)
+  np.testing.assert_array_equal(ramps[:, 0] == IMAGE - 1, flips.astype(bool))
+  assert all((r == np.arange(IMAGE)).all() or (r == np.arange(IMAGE)[::-1]).all() for r in ramps)
+
+
+@pytest.mark.parametrize("lengths,weights,seed", [([64], None, 7), ([64, 48], None, 3), ([64, 48], [3.0, 1.0], 5),
+                                                  ([7, 30, 11], [0.7, 0.2, 0.1], 2**32 - 4), ([1, 5], [1.0, 1.0], 0)])
+def test_stream_ids_are_grains_ids(lengths, weights, seed):
+  """The NumPy ids of the threaded path equal Grain's pipeline over several epochs, from any position."""
+  n = 6 * sum(lengths)
+  reference = loader.id_dataset(lengths, weights, seed).repeat()
+  want = np.array([reference[i] for i in range(n)])
+  ids = loader._StreamIds(lengths, weights, seed)
+  np.testing.assert_array_equal(ids(np.arange(n)), want)
+  positions = np.random.default_rng(0).permutation(n)[:50]
+  np.testing.assert_array_equal(loader._StreamIds(lengths, weights, seed)(positions), want[positions])

@@ -1,4 +1,4 @@
-"""Grain loaders over pre-degraded shards, yielding global `jax.Array`s sharded over the "data" axis.
+"""Loaders over pre-degraded shards, yielding global `jax.Array`s sharded over the "data" axis.
 
 One code path for 1 CPU, 8 fake CPU devices, a GPU box or a TPU pod: every process reads only its part
 of the records, builds its local slice of the global batch, and `jax.make_array_from_process_local_data`
@@ -10,6 +10,11 @@ global shuffle, infinite repeat (reshuffled each epoch), random horizontal flip 
 position in the global stream, then batches of `global_batch // process_count`. Process p takes batches
 p, p+P, p+2P, ... of that stream, so the global batch of step s is the same set of records for any
 number of processes (only whole global batches are ever read, and each record by one process).
+`train_dataset` states that order as a Grain pipeline (the reference, and the path of Grain worker
+processes, config.train.num_workers > 0); the threaded path computes the same ids with NumPy for whole
+batches (`_StreamIds`), reads each batch's records in one batched read per shard, decodes the headers
+as one array and flips while copying the pixels, in `shards.read_threads()` threads (one per core),
+batches in flight yielded in order and already on the devices.
 
 Augmentation is horizontal flip only. The shards hold exactly the degraded pixels the network must learn
 from; a flip re-encodes nothing and keeps JPEG block edges on the 8x8 (and 4:2:0 chroma 16x16) grid when
@@ -22,11 +27,14 @@ padded to the same number of batches on every process; `mask` is False on paddin
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
+import weakref
 
 from etils import epath
 import grain
+from grain.experimental import index_shuffle
 import jax
 from jax.sharding import Mesh
 import numpy as np
@@ -34,11 +42,10 @@ import numpy as np
 from msnet import degradations, errors, parallel
 from msnet.data import degrade, shards
 
-# Elements of the threaded read are whole local batches: a few in flight keep memory bounded at 224 px.
-# Two threads overlap reads with the train step; more only contend for the GIL (measured on 2 cores:
-# 4 threads 17k img/s, 2 threads 20k, at the demo's 32x32 batches of 128). Grain worker processes
-# (config.train.num_workers) are the way to more parallelism.
+# Grain worker processes (config.train.num_workers > 0): elements are whole local batches, a few in flight
+# per process keep memory bounded at 224 px.
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+_IN_FLIGHT_BYTES = 1 << 30  # images of the batches the threaded path reads ahead (at least 2 batches)
 
 
 def _check_batch(global_batch: int, mesh: Mesh, what: str) -> int:
@@ -59,9 +66,9 @@ def _global(batch: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> dict
 class _BatchReader:
   """Reads a batch of record ids (the sources concatenated) into arrays, optionally flipping some images.
 
-  Grain shuffles, mixes and batches only the integer ids; the records of a whole batch are then read
-  and decoded here in one call, which costs a fraction of Grain's per-element path with a dict per
-  record. Picklable, for Grain worker processes.
+  Each source's records of the batch come in one `read_batch` call (a ShardSource: one ArrayRecord read
+  per shard; any other source of `.read(i)`, record by record), and `shards.decode_batch` mirrors the
+  flipped images while copying them. Picklable, for Grain worker processes.
   """
 
   def __init__(self, sources: Sequence[Any], fields: dict[str, str], flip_seed: int | None = None,
@@ -71,16 +78,23 @@ class _BatchReader:
     self.local_batch, self.process_index, self.process_count = local_batch, process_index, process_count
 
   def __call__(self, index: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    ids = np.asarray(ids, np.int64)
     which = np.searchsorted(self.offsets, ids, side="right") - 1
-    records = [self.sources[s].read(int(i - self.offsets[s])) for s, i in zip(which, ids)]
-    batch = shards.decode_batch(records, list(self.fields.values()))
-    out = {"image": batch["image"], **{name: batch[key] for name, key in self.fields.items()}}
+    records: list[bytes] = [b""] * len(ids)
+    for s in np.unique(which).tolist():
+      rows = np.flatnonzero(which == s)
+      local = ids[rows] - self.offsets[s]
+      source = self.sources[s]
+      got = source.read_batch(local) if hasattr(source, "read_batch") else [source.read(int(i)) for i in local]
+      for j, record in zip(rows.tolist(), got):
+        records[j] = record
+    flip = None
     if self.flip_seed is not None:
       # Element positions in the stream of all processes: the same flips for any process count.
       first = (index * self.process_count + self.process_index) * self.local_batch
       flip = _coin(self.flip_seed, np.arange(first, first + len(ids), dtype=np.uint64))
-      out["image"][flip] = out["image"][flip, :, ::-1]
-    return out
+    batch = shards.decode_batch(records, list(dict.fromkeys(self.fields.values())), flip=flip)
+    return {"image": batch["image"], **{name: batch[key] for name, key in self.fields.items()}}
 
 
 def _coin(seed: int, positions: np.ndarray) -> np.ndarray:
@@ -94,16 +108,128 @@ def _coin(seed: int, positions: np.ndarray) -> np.ndarray:
 def train_dataset(sources: Sequence[Any], weights: Sequence[float] | None, seed: int, hflip: bool,
                   local_batch: int, process_index: int, process_count: int,
                   label_key: str = "label") -> grain.MapDataset:
-  """The infinite dataset of one process's local batches (the random-access part of TrainLoader)."""
+  """The infinite dataset of one process's local batches as a Grain pipeline (the random-access part of
+  TrainLoader with Grain worker processes; the order `_StreamIds` reproduces)."""
   reader = _BatchReader(sources, {"label": label_key}, seed if hflip else None, local_batch, process_index,
                         process_count)
-  ids = [grain.MapDataset.range(int(a), int(b)) for a, b in zip(reader.offsets[:-1], reader.offsets[1:])]
-  if weights is None:
-    ds = grain.MapDataset.concatenate(ids).shuffle(seed)
-  else:
-    ds = grain.MapDataset.mix([r.shuffle(seed + 1 + i) for i, r in enumerate(ids)], list(weights))
+  ds = id_dataset([len(s) for s in sources], weights, seed)
   ds = ds.repeat().batch(local_batch, drop_remainder=True)[process_index::process_count]
   return ds.map_with_index(reader)
+
+
+def id_dataset(lengths: Sequence[int], weights: Sequence[float] | None, seed: int) -> grain.MapDataset:
+  """One epoch of the record ids of the training stream (the sources concatenated): the shuffled
+  concatenation, or the mixture of the sources each shuffled with its own seed."""
+  offsets = np.cumsum([0] + [int(n) for n in lengths])
+  ids = [grain.MapDataset.range(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
+  if weights is None:
+    return grain.MapDataset.concatenate(ids).shuffle(seed)
+  return grain.MapDataset.mix([r.shuffle(seed + 1 + i) for i, r in enumerate(ids)], list(weights))
+
+
+def _permutation(n: int, seed: int) -> np.ndarray:
+  """Grain's shuffle of one epoch of n elements under `seed`: position j -> element."""
+  return np.fromiter((index_shuffle(j, n - 1, seed, 4) for j in range(n)), np.int64, count=n)
+
+
+def _mixture(positions: np.ndarray, proportions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(dataset, key in it) of each position of Grain's mixture with integer proportions, vectorised: Grain's
+  `_dataset_and_key_of_next_element` (the first dataset whose count of elements up to k rises at k)."""
+  remaining = sum(proportions)
+  k, k1 = positions.astype(np.int64), positions.astype(np.int64) + 1
+  which, key = np.full(len(k), -1, np.int64), np.zeros(len(k), np.int64)
+  for d, p in enumerate(proportions):
+    nk, nk1 = k * (remaining - p) // remaining, k1 * (remaining - p) // remaining
+    hit = (which < 0) & ((k - nk) != (k1 - nk1))
+    which[hit], key[hit] = d, (k1 - nk1)[hit] - 1
+    remaining -= p
+    k, k1 = nk, nk1
+  return which, key
+
+
+class _StreamIds:
+  """The record ids at any positions of `train_dataset`'s stream, for a whole batch at a time.
+
+  Exactly Grain's ids (tested against it), without its Python per element: shuffling position g of a
+  dataset of n gives permutation(n, seed + g // n)[g % n]; a weighted mixture first maps g to a spec and
+  a key by Grain's selection map (weights scaled so the smallest is 100, as `MapDataset.mix` does), spec
+  d's keys shuffled with seed + 1 + d. An epoch's permutation is computed once, the next one ahead in a
+  background thread.
+  """
+
+  def __init__(self, lengths: Sequence[int], weights: Sequence[float] | None, seed: int):
+    self.lengths, self.seed = [int(n) for n in lengths], int(seed)
+    self.offsets = np.cumsum([0] + self.lengths)
+    self.proportions = None if weights is None else [int(w * (100 / min(weights))) for w in weights]
+    self._perms: dict[tuple[int, int], concurrent.futures.Future] = {}
+    self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+
+  def __call__(self, positions: np.ndarray) -> np.ndarray:
+    positions = np.asarray(positions, np.int64)
+    if self.proportions is None:
+      return self._shuffled(int(self.offsets[-1]), self.seed, positions)
+    which, keys = _mixture(positions, self.proportions)
+    ids = np.empty_like(positions)
+    for d in np.unique(which).tolist():
+      rows = which == d
+      ids[rows] = self.offsets[d] + self._shuffled(self.lengths[d], self.seed + 1 + d, keys[rows])
+    return ids
+
+  def _shuffled(self, n: int, seed: int, positions: np.ndarray) -> np.ndarray:
+    epochs = positions // n
+    out = np.empty_like(positions)
+    for e in np.unique(epochs).tolist():
+      rows = epochs == e
+      out[rows] = self._perm(n, (seed + e) % 2**32)[positions[rows] - e * n]
+    return out
+
+  def _perm(self, n: int, seed: int) -> np.ndarray:
+    for key in ((n, seed), (n, (seed + 1) % 2**32)):  # this epoch's, and the next one's ahead
+      if key not in self._perms:
+        self._perms[key] = self._pool.submit(_permutation, *key)
+    while len(self._perms) > 2 * len(self.lengths) + 2:  # oldest first; each spec needs two epochs at most
+      del self._perms[next(iter(self._perms))]
+    return self._perms[(n, seed)].result()
+
+
+class _Prefetch:
+  """Items `make(k)` for k = next_index, next_index + 1, ..., up to `stop`, made `depth` ahead by a pool of
+  threads and yielded in order; `{"next_index": k}` is the state (as Grain's threaded iterator's)."""
+
+  def __init__(self, make: Callable[[int], Any], depth: int, stop: int | None = None,
+               threads: int | None = None):
+    self._make, self._depth, self._stop = make, max(1, depth), stop
+    self._pool = concurrent.futures.ThreadPoolExecutor(threads or shards.read_threads())
+    weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+    self._next, self._pending = 0, {}
+
+  def __iter__(self) -> _Prefetch:
+    return self
+
+  def __next__(self) -> Any:
+    if self._stop is not None and self._next >= self._stop:
+      raise StopIteration
+    for k in range(self._next, self._next + self._depth):
+      if k not in self._pending and (self._stop is None or k < self._stop):
+        self._pending[k] = self._pool.submit(self._make, k)
+    item = self._pending.pop(self._next).result()
+    self._next += 1
+    return item
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_index": self._next}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for f in self._pending.values():
+      f.cancel()
+    self._next, self._pending = int(state["next_index"]), {}
+
+
+def _depth(source: Any, local_batch: int) -> int:
+  """Batches read ahead: two per read thread, within _IN_FLIGHT_BYTES of images (two at least)."""
+  image_bytes = local_batch * int(np.prod(source[0]["image"].shape)) if len(source) else 1
+  return max(2, min(2 * shards.read_threads(), _IN_FLIGHT_BYTES // max(1, image_bytes)))
 
 
 class TrainLoader:
@@ -130,21 +256,31 @@ class TrainLoader:
     if global_batch > self.num_records:
       raise ValueError(f"train global batch {global_batch} exceeds the {self.num_records} records of {list(specs)}")
 
-    ds = train_dataset(sources, weights, seed, hflip, local, jax.process_index(), jax.process_count(), label_key)
-    it = ds.to_iter_dataset(_READ)
+    p, count = jax.process_index(), jax.process_count()
     if num_workers > 0:
+      ds = train_dataset(sources, weights, seed, hflip, local, p, count, label_key)
       _absl_flags_parsed()
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    self._it = iter(it)
+      self._it = iter(ds.to_iter_dataset(_READ).mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers)))
+      self._on_devices = False
+      return
+    reader = _BatchReader(sources, {"label": label_key}, seed if hflip else None, local, p, count)
+    ids = _StreamIds([len(s) for s in sources], weights, seed)
+
+    def make(k: int) -> dict[str, jax.Array]:
+      first = (k * count + p) * local  # process p's k-th batch is batch k * count + p of the stream
+      return _global(reader(k, ids(np.arange(first, first + local))), mesh, global_batch)
+    self._it, self._on_devices = _Prefetch(make, _depth(sources[0], local)), True
 
   def __iter__(self) -> TrainLoader:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
-    return _global(next(self._it), self._mesh, self._global_batch)
+    batch = next(self._it)
+    return batch if self._on_devices else _global(batch, self._mesh, self._global_batch)
 
   def get_state(self) -> dict[str, Any]:
-    """The Grain iterator state (JSON-serialisable), to checkpoint with the model."""
+    """The iterator state (JSON-serialisable), to checkpoint with the model: `{"next_index": k}` on the
+    threaded path, as Grain's threaded iterator had it; Grain's multiprocessing state with workers."""
     return self._it.get_state()
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -182,16 +318,16 @@ def holdout_source(workdir: str | os.PathLike[str], spec: str) -> shards.ShardSo
 
 
 def source_eval_batches(source: Any, global_batch: int, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
-  """`eval_batches` over any random-access source of encoded records (`.read(i)`, `len`): e.g. an external
-  benchmark set read from its own files."""
+  """`eval_batches` over any random-access source of encoded records (`.read(i)`, `len`; `.read_batch(ids)`
+  when it has one): e.g. an external benchmark set read from its own files."""
   local = _check_batch(global_batch, mesh, "evaluation")
   n = len(source)
   if n == 0:
     return
   start, stop = parallel.process_slice(n)
   num_batches = -(-(-(-n // jax.process_count())) // local)  # of the largest process slice
-  for batch in local_eval_batches(source, start, stop, local, num_batches):
-    yield _global(batch, mesh, global_batch)
+  make = _eval_batch(source, start, stop, local)
+  yield from _Prefetch(lambda k: _global(make(k), mesh, global_batch), _depth(source, local), num_batches)
 
 
 def local_eval_batches(source: Any, start: int, stop: int, local_batch: int,
@@ -200,15 +336,22 @@ def local_eval_batches(source: Any, start: int, stop: int, local_batch: int,
 
   A record with a negative label (an external file that could not be read) is masked like padding.
   """
+  yield from _Prefetch(_eval_batch(source, start, stop, local_batch), _depth(source, local_batch), num_batches)
+
+
+def _eval_batch(source: Any, start: int, stop: int, local_batch: int) -> Callable[[int], dict[str, np.ndarray]]:
+  """Local batch k of records [start, stop): read, masked, padded (past the records: padding only)."""
   reader = _BatchReader([source], {k: k for k in ("label", "bin", "bitstream_bin")})
-  ds = grain.MapDataset.range(start, stop).batch(local_batch).map_with_index(reader)
-  it = iter(ds.to_iter_dataset(_READ))
   shape = source[0]["image"].shape
-  for _ in range(num_batches):
-    batch = next(it, None)
-    if batch is not None:
+
+  def make(k: int) -> dict[str, np.ndarray]:
+    a, b = start + k * local_batch, min(stop, start + (k + 1) * local_batch)
+    batch = None
+    if a < b:
+      batch = reader(k, np.arange(a, b))
       batch["mask"] = batch["label"] >= 0
-    yield _pad(batch, local_batch, shape)
+    return _pad(batch, local_batch, shape)
+  return make
 
 
 def _pad(batch: dict[str, np.ndarray] | None, size: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
