@@ -389,7 +389,7 @@ def test_device_resident_gives_the_host_files(trained: dict[str, Any], tmp_path:
   _assert_same_files(host, _eval_files(tmp_path / "device1"))
 
 
-def test_device_data_budget(setup: dict[str, Any]) -> None:
+def test_device_data_budget(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
   """The bytes a spec takes per device, as placed; the budget decides the path; the field is validated."""
   cfg, mesh = _config(), parallel.make_mesh(_config().mesh)
   local = resident.read_local(setup["workdir"], "test", "jpeg:10", GLOBAL_BATCH)   # two shard files
@@ -405,11 +405,17 @@ def test_device_data_budget(setup: dict[str, Any]) -> None:
   assert {len(a.addressable_shards) for a in placed.values()} == {8}
   assert resident.bytes_per_device(RECORDS, (32, 32, 3), GLOBAL_BATCH, mesh) == per_device
 
-  for setting, expected in (("on", True), ("off", False), ("auto", False),  # "auto": the host path on the CPU
+  for setting, expected in (("on", True), ("off", False), ("auto", True),  # a few KB: fits the host's memory
                             (str(per_device), True), (str(per_device - 1), False), ("1e9", True)):
     cfg.evaluate.device_data = setting
     config_lib.validate(cfg)
     assert resident.choose(cfg, mesh, [RECORDS, 0]) == [expected, True], setting
+  # "auto" on the CPU: an eighth of the host's free memory, split over its 8 devices.
+  cfg.evaluate.device_data = "auto"
+  for free, expected in ((16 * per_device, True), (4 * per_device, False)):
+    monkeypatch.setattr(resident, "free_bytes_per_device", lambda free=free: free)
+    assert resident.choose(cfg, mesh, [RECORDS]) == [expected]
+  assert resident.free_bytes_per_device() > 0
   for bad in ("lots", "-1", ""):
     cfg.evaluate.device_data = bad
     with pytest.raises(config_lib.ConfigError, match="evaluate.device_data"):

@@ -7,14 +7,17 @@ one [num_batches, global_batch, ...] array per field, sharded over "data" on axi
 so a `lax.scan` over axis 0 sees exactly the host path's batches and its sums and per-image rows come out
 the same.
 
-config.evaluate.device_data decides per spec: "on", "off", a budget in bytes per device, or "auto": on an
-accelerator, half of the smallest free memory of this process's devices; on the CPU the host path, which
-measured faster there (benchmarks/bench_eval.py).
+config.evaluate.device_data decides per spec: "on", "off", a budget in bytes per device, or "auto": half of
+the smallest free memory of this process's accelerators; on the CPU, whose devices share the host's memory,
+an eighth of its free memory split over them (the host holds a spec up to three times there: the records
+read, the next spec's read ahead, the devices' copy). The device path measured faster on the CPU too
+(benchmarks/bench_eval.py), so "auto" takes it wherever the records fit.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 from typing import Any
 
@@ -27,8 +30,7 @@ from msnet.data import shards
 from msnet.evaluate.steps import stacked_sharding
 
 FIELDS = ("label", "bin", "bitstream_bin")  # int32 per record, beside the uint8 image and the bool mask
-_READ_CHUNK = 1024                           # records decoded per decode_batch call: bounded temporary lists
-_FREE_SHARE = 0.5                            # of an accelerator's free memory "auto" lets one spec take
+_FREE_SHARE = {"accelerator": 0.5, "cpu": 0.125}  # of the free memory "auto" lets one spec take
 
 
 def num_batches(records: int, global_batch: int) -> int:
@@ -51,14 +53,20 @@ def budget(setting: str) -> float:
     return 0.0
   if setting != "auto":
     return float(setting)
+  return _FREE_SHARE["cpu" if jax.default_backend() == "cpu" else "accelerator"] * free_bytes_per_device()
+
+
+def free_bytes_per_device() -> float:
+  """Free memory of the fullest of this process's devices (0 when they do not say); on the CPU, the host's
+  free memory split over its devices."""
   if jax.default_backend() == "cpu":
-    return 0.0
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / len(jax.local_devices())
   free = []
   for d in jax.local_devices():
     stats = d.memory_stats() or {}
     if "bytes_limit" in stats:
       free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-  return _FREE_SHARE * min(free) if free else 0.0
+  return float(min(free)) if free else 0.0
 
 
 def choose(config: ml_collections.ConfigDict, mesh: Any, records: list[int]) -> list[bool]:
@@ -84,11 +92,8 @@ def read_local(workdir: pathlib.Path, split: str, spec: str, global_batch: int) 
   rows = num_batches(n, global_batch) * local
   shape = source[0]["image"].shape if n else (0, 0, 3)
   out = {"image": np.zeros((rows, *shape), np.uint8), **{k: np.zeros(rows, np.int32) for k in FIELDS}}
-  for a in range(start, stop, _READ_CHUNK):
-    b = min(a + _READ_CHUNK, stop)
-    batch = shards.decode_batch([source.read(i) for i in range(a, b)], FIELDS)
-    for k, v in batch.items():
-      out[k][a - start:b - start] = v
+  for k, v in source.read_arrays(start, stop, FIELDS).items():
+    out[k][:stop - start] = v
   out["mask"] = (np.arange(rows) < stop - start) & (out["label"] >= 0)
   return {k: v.reshape(-1, local, *v.shape[1:]) for k, v in out.items()}
 
