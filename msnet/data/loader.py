@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 from typing import Any, Callable, Iterator, Sequence
 import weakref
 
@@ -163,10 +164,14 @@ class _StreamIds:
     self.proportions = None if weights is None else [int(w * (100 / min(weights))) for w in weights]
     self._perms: dict[tuple[int, int], concurrent.futures.Future] = {}
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._lock = threading.Lock()  # the read threads call it
     weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
 
   def __call__(self, positions: np.ndarray) -> np.ndarray:
-    positions = np.asarray(positions, np.int64)
+    with self._lock:
+      return self._ids(np.asarray(positions, np.int64))
+
+  def _ids(self, positions: np.ndarray) -> np.ndarray:
     if self.proportions is None:
       return self._shuffled(int(self.offsets[-1]), self.seed, positions)
     which, keys = _mixture(positions, self.proportions)

@@ -325,8 +325,7 @@ class ShardSource:
       from array_record.python import array_record_module  # noqa: PLC0415 (C++ extension)
       with self._lock:
         if self._readers[k] is None:
-          self._readers[k] = array_record_module.ArrayRecordReader(self.paths[k], _READER_OPTIONS,
-                                                                   file_reader_buffer_size=32768)
+          self._readers[k] = array_record_module.ArrayRecordReader(self.paths[k], _READER_OPTIONS)
     return self._readers[k]
 
   def read(self, i: int) -> bytes:
