@@ -1,7 +1,14 @@
-r"""Throughput of the offline degrade job and of the Grain loaders, on the embedded CIFAR-10.
+r"""Throughput of the offline degrade job and of the loaders, on the embedded CIFAR-10.
 
-  python benchmarks/bench_loader.py                        # degrade: demo specs, 1 vs 2 workers; loaders
+  python benchmarks/bench_loader.py                        # degrade: demo specs, 1 vs 2 workers; loaders; host path
   python benchmarks/bench_loader.py --images=100 --skip-degrade
+  python benchmarks/bench_loader.py --skip-degrade --skip-loaders   # the host path before / after only
+
+Host path before / after (`--host-images`, `--host-steps`): images/s that `TrainLoader` (threads, flips on)
+delivers as device arrays (`block_until_ready`), at 32x32 (CIFAR-10 training images) and at 224x224 (the same
+images upscaled, bilinear), by this checkout and by the loader of commit BEFORE (format-1 shards with a JSON
+header per record, Grain's per-element pipeline, 2 read threads), extracted with `git archive` and run in a
+subprocess on the same images, in the same run.
 
 Degrade: `run_degrade` over the demo config's train and eval specs for `--images` images of each split,
 with 1 and 2 worker processes, beside a plain single-process loop doing the same degradations (source
@@ -20,11 +27,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import json
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 import numpy as np
@@ -34,6 +44,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_results  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+BEFORE = "8604086"  # the last commit with record format 1 and the Grain per-element loader
+
+# Run by this checkout and by BEFORE's: clean shards of the images in IMAGES, then TrainLoader's steady rate.
+_HOST_PATH = textwrap.dedent("""
+    import json, sys, time
+    import jax, numpy as np
+    from msnet import parallel
+    from msnet.data import loader, shards
+    images, labels = np.load(sys.argv[1]), np.load(sys.argv[2])
+    workdir, batch, steps = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    d = shards.spec_dir(workdir, "train", "clean")
+    d.mkdir(parents=True, exist_ok=True)
+    k = 4
+    for s in range(k):
+      ids = range(s * len(images) // k, (s + 1) * len(images) // k)
+      shards.write_shard(d / shards.shard_name(s, k), (shards.encode_record(images[i], dict(
+          label=int(labels[i]), spec="clean", bin=0, bitstream_bin=0, index=i, psnr=float("inf"), bpp=None,
+          jpeg_quality=-1, ratio=None, codec=None)) for i in ids))
+    mesh = parallel.make_mesh([("data", -1)])
+    it = loader.TrainLoader(workdir, "train", ["clean"], None, batch, 0, mesh, True, 0)
+    for _ in range(3):
+      jax.block_until_ready(next(it))
+    start = time.perf_counter()
+    for _ in range(steps):
+      jax.block_until_ready(next(it))
+    print(json.dumps({"img_per_s": steps * batch / (time.perf_counter() - start), "devices": jax.device_count()}))
+""")
 
 
 def demo_config():
@@ -157,6 +194,45 @@ def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> di
           "eval_batches_img_per_s": n / seconds}
 
 
+def bench_host_path(images: int, batch: int, steps: int, root: pathlib.Path) -> dict:
+  from msnet import config as config_lib
+  from msnet.data import sources
+
+  old = root / "before"
+  old.mkdir()
+  archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE, "msnet"], check=True, capture_output=True)
+  subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+  src = sources.open_source(config_lib.base_config().data, "train")
+  small = np.stack([src[i]["image"] for i in range(images)])
+  labels = np.array([src[i]["label"] for i in range(images)], np.int32)
+  rows = []
+  print(f"host path: TrainLoader (flips on, 0 Grain workers), batch {batch}, {steps} steps after 3 warm-up, "
+        f"{images} records in 4 shards; before = commit {BEFORE}")
+  for size in (32, 224):
+    data = small if size == 32 else np.stack(
+        [np.asarray(PIL.Image.fromarray(x).resize((size, size), PIL.Image.Resampling.BILINEAR)) for x in small])
+    np.save(root / "images.npy", data)
+    np.save(root / "labels.npy", labels)
+    rates = {}
+    for name, path in (("before", old), ("after", REPO)):
+      workdir = root / f"host-{name}-{size}"
+      env = {**os.environ, "PYTHONPATH": str(path)}
+      out = subprocess.run([sys.executable, "-c", _HOST_PATH, str(root / "images.npy"), str(root / "labels.npy"),
+                            str(workdir), str(batch), str(steps)], check=True, capture_output=True, text=True,
+                           env=env, cwd=str(root))
+      rates[name] = json.loads(out.stdout.strip().splitlines()[-1])["img_per_s"]
+      shutil.rmtree(workdir)
+    rows.append({"size": size, "before_img_per_s": rates["before"], "after_img_per_s": rates["after"],
+                 "speedup": rates["after"] / rates["before"]})
+  print(f"  {'size':>7}  {'before img/s':>12}  {'after img/s':>12}  {'speedup':>7}")
+  for r in rows:
+    print(f"  {r['size']:>3}x{r['size']:<3}  {r['before_img_per_s']:12.0f}  {r['after_img_per_s']:12.0f}  "
+          f"{r['speedup']:6.1f}x")
+  from msnet.data import shards
+  return {"before_commit": BEFORE, "records": images, "global_batch": batch, "steps": steps,
+          "read_threads": shards.read_threads(), "rows": rows}
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--images", type=int, default=200, help="images per split for the degrade benchmark")
@@ -164,6 +240,9 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--skip-degrade", action="store_true")
+  p.add_argument("--skip-loaders", action="store_true")
+  p.add_argument("--host-images", type=int, default=2048, help="records of the host-path benchmark")
+  p.add_argument("--host-steps", type=int, default=40, help="steps timed per loader and size")
   p.add_argument("--out", default=str(REPO / "benchmarks/results/loader.json"))
   args = p.parse_args()
   root = pathlib.Path(tempfile.mkdtemp(prefix="msnet-bench-"))
@@ -171,7 +250,9 @@ def main() -> None:
   try:
     if not args.skip_degrade:
       results["degrade"] = bench_degrade(args.images, root)
-    results["loaders"] = bench_loaders(args.loader_images, root, args.batch, args.steps)
+    if not args.skip_loaders:
+      results["loaders"] = bench_loaders(args.loader_images, root, args.batch, args.steps)
+    results["host_path"] = bench_host_path(args.host_images, args.batch, args.host_steps, root)
   finally:
     shutil.rmtree(root, ignore_errors=True)
   write_results(args.out, results)
