@@ -176,6 +176,17 @@ def base_config() -> ml_collections.ConfigDict:
       hflip=True,                # random horizontal flips (moves no JPEG 8x8 grid)
       num_workers=0,             # Grain worker processes (0 = threaded reads in the main process)
       eval_every_epoch=True,     # clean validation accuracy at the end of each epoch
+      # Train steps per jitted call (lax.scan over K batches): the host dispatches, logs and checks for NaN
+      # once per call. A call never crosses a checkpoint step or (with eval_every_epoch) an epoch end; the
+      # steps before such a point that do not make a whole call run one by one (a second program), so
+      # choose K dividing checkpoint_every_steps and the epoch's steps.
+      steps_per_call=1,
+      # Where training batches come from: "off" (Grain reads each batch on the host), "on" (every train
+      # spec's records on each device once, batches gathered and flipped inside the step: its own data
+      # order, msnet/data/resident.py), a budget in bytes per device (on when the records fit it), or
+      # "auto": on accelerators when they fit a quarter of the device's memory, on the CPU "off" (its data
+      # order is the one the committed results used; benchmarks/bench_steps_per_call.py measures both).
+      device_data="auto",
   ))
 
   c.evaluate = ml_collections.ConfigDict(dict(
@@ -394,6 +405,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
   _check(c.train.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
   _check(c.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+  _check(c.train.steps_per_call >= 1, "train.steps_per_call", "must be >= 1")
+  _check(_device_data_ok(c.train.device_data), "train.device_data",
+         f"must be 'auto', 'on', 'off' or a budget in bytes per device >= 0, got {c.train.device_data!r}")
   _check(c.evaluate.global_batch >= 1, "evaluate.global_batch", "must be >= 1")
   _check(_device_data_ok(c.evaluate.device_data), "evaluate.device_data",
          f"must be 'auto', 'on', 'off' or a budget in bytes per device >= 0, got {c.evaluate.device_data!r}")

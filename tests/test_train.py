@@ -154,6 +154,97 @@ def test_step_on_8_devices_matches_1_device_and_compiles_once():
   assert any(not np.array_equal(f1[k], v) for k, v in _flat(params).items())  # it did train
 
 
+def _resident_feed(loader, mesh):
+  repl = parallel.replicated(mesh)
+  return step_lib.Feed(loader.batch, repl, repl, repl, data=loader.data)
+
+
+# (1b) K steps in one scanned call == K single steps, on both data paths; the resident step is the same on
+# 1 and 8 devices.
+def test_k_steps_in_one_call_match_k_single_steps(data_root):
+  from msnet.data import resident
+  config = tiny_config()
+  model, params = _model_and_params(config)
+  mesh = parallel.make_mesh([("data", -1)])
+  k = 3
+
+  def call_and_steps(feed, items, batches, mesh):
+    abstract = jax.eval_shape(lambda: params)
+    tx, schedule = optim.make_optimizer(config.stages.baseline, 10, abstract)
+    sh = state_lib.state_shardings(state_lib.abstract_state(abstract, tx), mesh, config.sharding_rules)
+    args = (step_lib.slave_apply(model), tx, schedule, optim.trainable_mask(abstract, [".*"]), mesh, sh,
+            jax.random.key(3))
+    state, m_call = step_lib.make_train_call(*args, steps=k, feed=feed)(
+        state_lib.state_from_params(params, tx, sh), feed.data, items)
+    single, steps = state_lib.state_from_params(params, tx, sh), step_lib.make_train_step(*args)
+    m_single = []
+    for b in batches:
+      single, m = steps(single, jax.device_put(b, parallel.data_sharding(mesh)))
+      m_single.append(m)
+    assert int(state.step) == int(single.step) == k
+    np.testing.assert_allclose(np.asarray(m_call["loss"]), [float(m["loss"]) for m in m_single], rtol=1e-5)
+    f_call, f_single = _flat(jax.device_get(state.params)), _flat(jax.device_get(single.params))
+    # Float32 rounding only (the scan's program fuses differently); conv biases under GroupNorm have an
+    # exact gradient of 0 and hold only rounding noise (~1e-6), hence the atol.
+    for name in f_single:
+      np.testing.assert_allclose(f_call[name], f_single[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    return f_call
+
+  rng = np.random.RandomState(1)
+  host = [{"image": rng.randint(0, 256, (16, 32, 32, 3)).astype(np.uint8),
+           "label": rng.randint(0, 10, 16).astype(np.int32)} for _ in range(k)]
+  call_and_steps(step_lib.host_feed(mesh), [jax.device_put(b, parallel.data_sharding(mesh)) for b in host], host,
+                 mesh)
+
+  per_mesh = []
+  mesh1 = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  for m in (mesh, mesh1):
+    ld = resident.ResidentLoader(data_root, config.data.train_split, ["clean", "jpeg:5"], [1.0, 1.0], 16,
+                                 config.seed, m, True)
+    positions = [next(ld) for _ in range(k)]
+    gathered = [jax.device_get(jax.jit(ld.batch)(ld.data, p)) for p in positions]  # the second code path
+    per_mesh.append(call_and_steps(_resident_feed(ld, m), positions, gathered, m))
+  for name in per_mesh[1]:
+    np.testing.assert_allclose(per_mesh[0][name], per_mesh[1][name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_call_plan_never_crosses_a_boundary():
+  plan = loop._CallPlan(4, 22, [8, 7])
+  steps, lengths = 0, []
+  while steps < 22:
+    lengths.append(plan.length(steps))
+    steps += lengths[-1]
+  ends = np.cumsum(lengths)
+  assert set(lengths) == {1, 4} and ends[-1] == 22
+  assert {7, 8, 14, 16, 21, 22} <= set(ends.tolist())  # every boundary and the end is a call end
+  starts = ends - lengths
+  assert not any(s < b < e for s, e in zip(starts, ends) for b in (7, 8, 14, 16, 21))
+
+
+# (1c) The loop with steps_per_call on both data paths: the params of the one-step-per-call run, the same
+# logged steps, DONE.json says which path and K.
+@pytest.mark.parametrize("device_data", ["off", "on"])
+def test_loop_steps_per_call_matches_single_steps(tmp_path, data_root, device_data):
+  results, params, logged = {}, {}, {}
+  for k in (1, 4):
+    w = workdir_with_data(tmp_path / f"k{k}", data_root)
+    config = kill_config(device_data)
+    config.train.checkpoint_every_steps = 4
+    config.train.log_every_steps = 3
+    config.stages.master.steps = 10  # calls: 4, 4, then 1, 1 (the end)
+    config.train.steps_per_call = k
+    results[k] = train.run_stage(config, w, "master")
+    params[k] = _flat(train.load_params(w, "master"))
+    lines = [json.loads(x) for x in (w / "train" / "master" / "metrics.jsonl").read_text().splitlines()]
+    logged[k] = [(x["step"], x["loss"]) for x in lines if "loss" in x and "event" not in x]
+  assert results[4]["steps_per_call"] == 4 and results[1]["steps_per_call"] == 1
+  assert results[4]["data_path"] == results[1]["data_path"] == {"off": "host", "on": "device"}[device_data]
+  assert [s for s, _ in logged[4]] == [s for s, _ in logged[1]] == [3, 6, 9, 10]
+  np.testing.assert_allclose([x for _, x in logged[4]], [x for _, x in logged[1]], rtol=1e-5)
+  for name in params[1]:  # float32 rounding (see test_k_steps_in_one_call_match_k_single_steps)
+    np.testing.assert_allclose(params[4][name], params[1][name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 # (5) stability loss against NumPy.
 def test_stability_loss_matches_numpy():
   rng = np.random.RandomState(0)
@@ -287,32 +378,37 @@ KILL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from msnet.train import step as step_lib
-make = step_lib.make_train_step
-def slow(*a, **k):  # slow steps down so the kill lands mid-stage, after a checkpoint
-  fn = make(*a, **k)
-  def step(state, batch):
-    out = fn(state, batch)
-    time.sleep(0.3)
-    return out
-  return step
-step_lib.make_train_step = slow
+def slow(make):  # slow steps down so the kill lands mid-stage, after a checkpoint
+  def made(*a, **k):
+    fn = make(*a, **k)
+    def step(*args):
+      out = fn(*args)
+      time.sleep(0.3)
+      return out
+    return step
+  return made
+step_lib.make_train_step = slow(step_lib.make_train_step)
+step_lib.make_train_call = slow(step_lib.make_train_call)
 from test_train import kill_config
 from msnet import train
-train.run_stage(kill_config(), {workdir!r}, "master")
+train.run_stage(kill_config({device_data!r}), {workdir!r}, "master")
 """
 
 
-def kill_config():
+def kill_config(device_data="off"):
   c = tiny_config()
   c.stages.master.steps = 8
   c.train.eval_every_epoch = False
+  c.train.device_data = device_data
   return c
 
 
-def test_sigkill_resume_matches_uninterrupted(tmp_path, data_root):
+@pytest.mark.parametrize("device_data", ["off", "on"])
+def test_sigkill_resume_matches_uninterrupted(tmp_path, data_root, device_data):
   w = workdir_with_data(tmp_path / "w", data_root)
   script = tmp_path / "run.py"
-  script.write_text(KILL_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), workdir=str(w)))
+  script.write_text(KILL_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), workdir=str(w),
+                                       device_data=device_data))
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache")}  # reruns skip compiling
   d = w / "train" / "master"
 
@@ -347,8 +443,9 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path, data_root):
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert json.loads((d / "DONE.json").read_text())["resumed_from_step"] >= last
 
+  assert json.loads((d / "DONE.json").read_text())["data_path"] == {"off": "host", "on": "device"}[device_data]
   ref_dir = workdir_with_data(tmp_path / "ref", data_root)
-  train.run_stage(kill_config(), ref_dir, "master")  # uninterrupted
+  train.run_stage(kill_config(device_data), ref_dir, "master")  # uninterrupted
   ref, got = _flat(train.load_params(ref_dir, "master")), _flat(train.load_params(w, "master"))
   for k in ref:
     np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)

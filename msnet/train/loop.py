@@ -1,9 +1,16 @@
 """The training loop shared by every gradient stage: resume, step, log, validate, checkpoint, stop.
 
-A stage directory W/train/<stage>/ holds `ckpt/` (orbax: the train state and every process's Grain
+A stage directory W/train/<stage>/ holds `ckpt/` (checkpoint.py: the train state and every process's
 iterator state, saved every config.train.checkpoint_every_steps, at the end and on SIGTERM),
-`metrics.jsonl` and, once complete, `DONE.json`. Rerunning the same command resumes from the latest
-checkpoint, data order included; a stage with DONE.json is not trained again.
+`metrics.jsonl` (metrics.py) and, once complete, `DONE.json` (which records the data path and the steps
+per call). Rerunning the same command resumes from the latest checkpoint, data order included; a stage
+with DONE.json is not trained again.
+
+The loop runs calls: each of config.train.steps_per_call steps (one jitted lax.scan), or single steps up to
+a checkpoint step or an epoch end, so saves, validation, preemption and the NaN guard all happen between
+calls (_CallPlan). Its loader is either the host's (loader.TrainLoader: each item a global batch) or the
+device-resident one (resident.ResidentLoader: each item a stream position, the batch gathered inside the
+call); the loop only needs `__next__`, `get_state`, `set_state` and `num_records`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from msnet import parallel
-from msnet.data import loader as loader_lib, shards
+from msnet.data import loader as loader_lib, resident, shards
 from msnet.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 from msnet.train.checkpoint import CKPT
 from msnet.train.metrics import METRICS
@@ -129,6 +136,36 @@ def _eval_accuracy(config: ml_collections.ConfigDict, workdir: Any, mesh: Any, e
   return (correct / count if count else None), present
 
 
+class _CallPlan:
+  """How many steps the call starting at a step runs: `steps` (config.train.steps_per_call) unless that
+  would cross the stage's end or a boundary (a multiple of a checkpoint interval or of the epoch, where the
+  loop saves and validates); then single steps up to it, so only two programs are ever compiled."""
+
+  def __init__(self, steps: int, total: int, boundaries: Sequence[int]) -> None:
+    self.steps, self.total, self.boundaries = steps, total, list(boundaries)
+
+  def length(self, step: int) -> int:
+    end = min([step + self.steps, self.total] + [(step // b + 1) * b for b in self.boundaries])
+    return self.steps if end - step == self.steps else 1
+
+
+def _loader_and_feed(config: ml_collections.ConfigDict, workdir: Any, job: Job, mesh: Any
+                     ) -> tuple[Any, step_lib.Feed, str]:
+  """The stage's train loader, how its items become batches in the step, and the data path's name
+  ("device": resident.ResidentLoader, "host": loader.TrainLoader), by config.train.device_data."""
+  specs, weights = list(job.train_specs), list(job.weights) if job.weights else None
+  gb, split = int(config.train.global_batch), config.data.train_split
+  nbytes = resident.spec_bytes(workdir, split, specs)
+  if resident.use_device_data(config.train.device_data, nbytes, jax.local_devices()[0]):
+    loader = resident.ResidentLoader(workdir, split, specs, weights, gb, config.seed, mesh, bool(config.train.hflip),
+                                     label_key=job.label_key)
+    repl = parallel.replicated(mesh)
+    return loader, step_lib.Feed(loader.batch, repl, repl, repl, data=loader.data), "device"
+  loader = loader_lib.TrainLoader(workdir, split, specs, weights, gb, config.seed, mesh, bool(config.train.hflip),
+                                  int(config.train.num_workers), label_key=job.label_key)
+  return loader, step_lib.host_feed(mesh), "host"
+
+
 def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str, Any]:
   """Train one stage to completion (or resume it); returns the DONE.json dict."""
   wall_start = time.perf_counter()
@@ -137,9 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
     out.mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh)
   gb = int(config.train.global_batch)
-  loader = loader_lib.TrainLoader(
-      workdir, config.data.train_split, list(job.train_specs), list(job.weights) if job.weights else None, gb,
-      config.seed, mesh, bool(config.train.hflip), int(config.train.num_workers), label_key=job.label_key)
+  loader, feed, data_path = _loader_and_feed(config, workdir, job, mesh)
   total = num_steps(job.stage, loader.num_records, gb)
   steps_per_epoch = max(1, math.ceil(loader.num_records / gb))
 
@@ -163,9 +198,20 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
     state = state_lib.state_from_params(host_params, tx, shardings)
 
   mask = optim.trainable_mask(abstract_params, job.trainable)
-  train_step = step_lib.make_train_step(
-      job.apply_fn, tx, schedule, mask, mesh, shardings, stage_rng(config.seed, job.name),
-      loss=job.loss, alpha=float(config.stability.alpha), noise_sigma=float(config.stability.noise_sigma))
+  step_args = (job.apply_fn, tx, schedule, mask, mesh, shardings, stage_rng(config.seed, job.name))
+  step_kw = dict(loss=job.loss, alpha=float(config.stability.alpha), noise_sigma=float(config.stability.noise_sigma))
+  programs: dict[int, step_lib.CallFn] = {}
+
+  def program(n: int) -> step_lib.CallFn:
+    """The compiled call of n steps (n is steps_per_call or 1); host batches' single step is today's."""
+    if n not in programs:
+      if n == 1 and data_path == "host":
+        single = step_lib.make_train_step(*step_args, **step_kw)
+        programs[n] = lambda state, data, items: single(state, items[0])
+      else:
+        programs[n] = step_lib.make_train_call(*step_args, steps=n, feed=feed, **step_kw)
+    return programs[n]
+
   eval_step = step_lib.make_eval_step(job.apply_fn, mesh, shardings.params, job.label_key)
 
   bar = tqdm(total=total, initial=start, desc=job.name, unit="step", disable=jax.process_index() != 0,
@@ -198,13 +244,17 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
     return acc
 
   validating = bool(config.train.eval_every_epoch)
+  calls = _CallPlan(int(config.train.steps_per_call), total,
+                    [int(config.train.checkpoint_every_steps)] + ([steps_per_epoch] if validating else []))
   val_acc: float | None = None
   try:
     if total == 0:  # imported weights as they are: step 0 is the stage's result
       ckpts.save(0, state, loader)
-    for step in range(start, total):
-      state, m = train_step(state, next(loader))
-      done = step + 1
+    step = start
+    while step < total:
+      n = calls.length(step)
+      state, m = program(n)(state, feed.data, [next(loader) for _ in range(n)])
+      done = step + n
       metrics.push(done, m)
       preempted = watch.reached(done)
       save = ckpts.should_save(done) or done == total or preempted
@@ -219,7 +269,8 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
         raise Preempted(f"stage {job.name} preempted at step {done}; checkpoint saved in {out / CKPT}")
       if validating and epoch_end and done != total:
         val_acc = validate(done, f"epoch {done // steps_per_epoch}")
-      bar.update(1)
+      bar.update(n)
+      step = done
     metrics.flush()
     train_rate = metrics.clock.rate(gb)
     if validating:
@@ -235,6 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
       "loss": metrics.last.get("loss"), "accuracy": metrics.last.get("accuracy"), "val_accuracy": val_acc,
       "wall_time_s": time.perf_counter() - wall_start, "images_per_s": train_rate,
       "devices": jax.device_count(), "processes": jax.process_count(),
+      "data_path": data_path, "steps_per_call": calls.steps,
   }
   log({"step": total, "event": "done", **result}, f"[{job.name}] done: {json.dumps(result)}")
   write_done(workdir, job.name, result)

@@ -1,4 +1,5 @@
-"""The one jitted train step of every stage, and the masked-sum evaluation step.
+"""The one train step of every stage (jitted alone, or scanned K times in one call), and the masked-sum
+evaluation step.
 
 Stages differ only in what they pass in: the model's apply function, the optimizer (which params
 train), the loss ("ce" or "stability"). The step is jitted with explicit in/out shardings over the mesh
@@ -8,12 +9,13 @@ the same dropout and stability noise as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msnet import parallel
 from msnet.models import compiler_options
@@ -22,6 +24,8 @@ from msnet.train.state import TrainState
 
 # apply(params, images uint8 [B,H,W,3], train, rng) -> logits [B, C]
 ApplyFn = Callable[[Any, jax.Array, bool, jax.Array], jax.Array]
+StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+CallFn = Callable[[TrainState, Any, list[Any]], tuple[TrainState, dict[str, jax.Array]]]
 
 
 def slave_apply(model: Any) -> ApplyFn:
@@ -55,16 +59,9 @@ def gate_apply(gate: Any, slave: Any) -> ApplyFn:
   return apply
 
 
-def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *,
-                    loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0
-                    ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """step(state, batch) -> (state, metrics: loss, accuracy, lr, grad_norm), jitted once.
-
-  `trainable` is the bool pytree of optim.trainable_mask: frozen params enter the loss behind
-  stop_gradient, so their gradients (and, for a frozen trunk, the whole backward pass through it) are
-  never computed. `rng` is a key baked into the program, folded with state.step inside.
-  """
+def _train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: Any,
+                rng: jax.Array, loss: str, alpha: float, noise_sigma: float) -> StepFn:
+  """The pure step(state, batch) -> (state, metrics) that the single step and the scanned call jit."""
   if loss not in ("ce", "stability"):
     raise ValueError(f"loss {loss!r}: must be 'ce' or 'stability'")
 
@@ -89,8 +86,63 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedul
                "lr": jnp.asarray(schedule(state.step), jnp.float32), "grad_norm": optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+  return step
+
+
+def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *,
+                    loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0) -> StepFn:
+  """step(state, batch) -> (state, metrics: loss, accuracy, lr, grad_norm), jitted once.
+
+  `trainable` is the bool pytree of optim.trainable_mask: frozen params enter the loss behind
+  stop_gradient, so their gradients (and, for a frozen trunk, the whole backward pass through it) are
+  never computed. `rng` is a key baked into the program, folded with state.step inside.
+  """
+  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma)
   repl = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(shardings, parallel.data_sharding(mesh)),
+                 out_shardings=(shardings, repl), donate_argnums=0, compiler_options=compiler_options())
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+  """Where the steps of a call get their batches: `batch(data, item)` builds one step's global batch from
+  the arrays every call shares (`data`: e.g. device-resident records, None for host batches) and that
+  step's `item` (what the loader's `__next__` returned: a host batch, a stream position)."""
+  batch: Callable[[Any, Any], dict[str, jax.Array]]
+  data_sharding: Any   # in_sharding of `data` (a pytree prefix)
+  item_sharding: Any   # in_sharding of one item, stacked [n, ...] inside the call
+  stacked_sharding: Any  # sharding of the stacked items
+  data: Any = None       # the `data` argument of every call
+
+
+def host_feed(mesh: Mesh) -> Feed:
+  """Batches read on the host (loader.TrainLoader): each item is already the step's global batch."""
+  return Feed(batch=lambda data, item: item, data_sharding=None, item_sharding=parallel.data_sharding(mesh),
+              stacked_sharding=NamedSharding(mesh, P(None, "data")))
+
+
+def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *, steps: int, feed: Feed,
+                    loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0) -> CallFn:
+  """call(state, data, items) -> (state, metrics [steps]): `steps` train steps in one jitted program.
+
+  `items` is the list of the `steps` loader items of the call, stacked inside and scanned over
+  (`lax.scan`), so the host dispatches once per call. Each step is the single step's own function: the
+  params after a call are those of `steps` single steps (to float32 rounding: XLA may fuse differently).
+  """
+  if steps < 1:
+    raise ValueError(f"steps {steps}: must be >= 1")
+  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma)
+
+  def call(state: TrainState, data: Any, items: list[Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+    if len(items) != steps:
+      raise ValueError(f"a call of {steps} steps got {len(items)} items")
+    xs = jax.lax.with_sharding_constraint(jax.tree.map(lambda *x: jnp.stack(x), *items), feed.stacked_sharding)
+    return jax.lax.scan(lambda s, item: step(s, feed.batch(data, item)), state, xs)
+
+  repl = parallel.replicated(mesh)
+  return jax.jit(call, in_shardings=(shardings, feed.data_sharding, feed.item_sharding),
                  out_shardings=(shardings, repl), donate_argnums=0, compiler_options=compiler_options())
 
 
