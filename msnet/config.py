@@ -198,9 +198,9 @@ def base_config() -> ml_collections.ConfigDict:
               "noise_jpeg", "noise_jp2k", "blur_jpeg", "blur_jp2k"),
       # Each spec's records on the devices once, every batch evaluated by one scanned call, or streamed from
       # the host batch by batch: "on", "off", a budget in bytes per device (e.g. "2e9": a spec whose records
-      # take more streams), or "auto": a budget of half the accelerators' free memory, on the CPU an eighth
-      # of the host's (the device path measured faster there too: benchmarks/bench_eval.py). The results
-      # are the same either way (msnet/evaluate/resident.py).
+      # take more streams), or "auto": a budget of half the accelerators' free memory, and "off" on the CPU
+      # (streaming measured as fast or faster there: benchmarks/bench_eval.py). The results are the same
+      # either way (msnet/evaluate/resident.py).
       device_data="auto",
   ))
 

@@ -8,16 +8,14 @@ so a `lax.scan` over axis 0 sees exactly the host path's batches and its sums an
 the same.
 
 config.evaluate.device_data decides per spec: "on", "off", a budget in bytes per device, or "auto": half of
-the smallest free memory of this process's accelerators; on the CPU, whose devices share the host's memory,
-an eighth of its free memory split over them (the host holds a spec up to three times there: the records
-read, the next spec's read ahead, the devices' copy). The device path measured faster on the CPU too
-(benchmarks/bench_eval.py), so "auto" takes it wherever the records fit.
+the smallest free memory of this process's accelerators, and the host path on the CPU, where the networks'
+compute bounds both paths and streaming measured as fast or faster (benchmarks/bench_eval.py: 0.91x for the
+device path, median of 2 alternating rounds on the demo's networks, 2 shared cores).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 from typing import Any
 
@@ -30,7 +28,7 @@ from msnet.data import shards
 from msnet.evaluate.steps import stacked_sharding
 
 FIELDS = ("label", "bin", "bitstream_bin")  # int32 per record, beside the uint8 image and the bool mask
-_FREE_SHARE = {"accelerator": 0.5, "cpu": 0.125}  # of the free memory "auto" lets one spec take
+_FREE_SHARE = 0.5                            # of an accelerator's free memory "auto" lets one spec take
 
 
 def num_batches(records: int, global_batch: int) -> int:
@@ -53,14 +51,11 @@ def budget(setting: str) -> float:
     return 0.0
   if setting != "auto":
     return float(setting)
-  return _FREE_SHARE["cpu" if jax.default_backend() == "cpu" else "accelerator"] * free_bytes_per_device()
+  return 0.0 if jax.default_backend() == "cpu" else _FREE_SHARE * free_bytes_per_device()
 
 
 def free_bytes_per_device() -> float:
-  """Free memory of the fullest of this process's devices (0 when they do not say); on the CPU, the host's
-  free memory split over its devices."""
-  if jax.default_backend() == "cpu":
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / len(jax.local_devices())
+  """Free memory of the fullest of this process's accelerators (0 when they do not say)."""
   free = []
   for d in jax.local_devices():
     stats = d.memory_stats() or {}
@@ -92,8 +87,9 @@ def read_local(workdir: pathlib.Path, split: str, spec: str, global_batch: int) 
   rows = num_batches(n, global_batch) * local
   shape = source[0]["image"].shape if n else (0, 0, 3)
   out = {"image": np.zeros((rows, *shape), np.uint8), **{k: np.zeros(rows, np.int32) for k in FIELDS}}
-  for k, v in source.read_arrays(start, stop, FIELDS).items():
-    out[k][:stop - start] = v
+  if stop > start:  # a process past the last record (fewer records than processes) holds padding only
+    for k, v in source.read_arrays(start, stop, FIELDS).items():
+      out[k][:stop - start] = v
   out["mask"] = (np.arange(rows) < stop - start) & (out["label"] >= 0)
   return {k: v.reshape(-1, local, *v.shape[1:]) for k, v in out.items()}
 
