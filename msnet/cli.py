@@ -11,7 +11,7 @@
   msnet run      --config=... --workdir=W     (degrade -> train stages -> evaluate -> report)
   msnet demo     [--workdir=W]                (run with configs/demo.py on the embedded CIFAR-10)
   msnet study    --config=configs/depth_study.py --workdir=W   (the trunk-depth study: msnet/study.py)
-  msnet predict  --workdir=W [--rule=ms] [--top=5] [--json] PATH...   (image files and directories: msnet/files.py)
+  msnet predict  --workdir=W [--rule=ms] [--top=5] [--json] [--max-pixels=N] PATH...   (msnet/files.py)
   msnet export   --workdir=W --rule=ms --out=DIR [--platforms=cpu,cuda]   (jax.export artifact: msnet/export.py)
 
 Without --config, a subcommand reads the resolved config a previous command wrote to W/config.json;
@@ -79,6 +79,9 @@ _LAYOUT = flags.DEFINE_string("layout", None, "evaluate --external: imagenet-c, 
                               "detected from the files).")
 _NAME = flags.DEFINE_string("name", None, "evaluate --external: the results' directory under W/eval/external/ "
                             "(default: the set directory's name).")
+_MAX_PIXELS = flags.DEFINE_integer(
+    "max-pixels", None, "predict, evaluate, degrade, run: refuse image files whose header claims more pixels than "
+    "this, before decoding (default config.data.max_pixels: Pillow's MAX_IMAGE_PIXELS, 89,478,485).")
 _RUNS = flags.DEFINE_list("runs", None, "report: one report in --workdir over these workdirs (runs of one config "
                           "with different seeds): per-seed Table 1, mean +- sd, intervals over the pooled images.")
 
@@ -240,7 +243,8 @@ def _use_trained(command: str, workdir: pathlib.Path, logs: _LibraryLogs, paths:
   logs.open(jax.process_index())
   if command == "predict":
     from msnet import files  # noqa: PLC0415
-    if files.predict_files(predict.load(workdir), paths, rule=_RULE.value, top=_TOP.value, as_json=_JSON.value):
+    if files.predict_files(predict.load(workdir), paths, rule=_RULE.value, top=_TOP.value, as_json=_JSON.value,
+                           max_pixels=_MAX_PIXELS.value):
       sys.exit(files.SKIPPED_EXIT_CODE)
   else:
     from msnet import export  # noqa: PLC0415
@@ -260,6 +264,8 @@ def _run(command: str, workdir: pathlib.Path, logs: _LibraryLogs, paths: list[st
     _use_trained(command, workdir, logs, paths)
     return
   cfg = _resolve_config(command, workdir)
+  if _MAX_PIXELS.value is not None:
+    cfg.data.max_pixels = _MAX_PIXELS.value
   config_lib.validate(cfg)
 
   import jax  # noqa: PLC0415 (keep `msnet --help` fast)

@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
       # ordered round-robin over classes, so the last N are class-balanced while every class has images
       # that deep.
       holdout_examples=0,
+      # Files whose header claims more pixels are refused before decoding (msnet.data.reader): a tiny
+      # JPEG can claim 30000x30000. Pillow's PIL.Image.MAX_IMAGE_PIXELS is the default; every reader
+      # (sources, degrade workers, predict, evaluate --external) applies it; `--max-pixels` overrides it.
+      max_pixels=89_478_485,
       num_classes=10,             # classifier outputs
   ))
 
@@ -315,6 +319,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.data.source != "tfds" or bool(c.data.tfds_name), "data.tfds_name", "required when data.source='tfds'")
   _check(c.data.image_size >= 8, "data.image_size", f"must be >= 8, got {c.data.image_size}")
   _check(c.data.num_classes >= 2, "data.num_classes", f"must be >= 2, got {c.data.num_classes}")
+  _check(c.data.max_pixels >= c.data.image_size ** 2, "data.max_pixels",
+         f"must be >= data.image_size ** 2 = {c.data.image_size ** 2} (or no source image is readable), "
+         f"got {c.data.max_pixels}")
   _check(c.data.resize_shorter == 0 or c.data.resize_shorter >= c.data.image_size, "data.resize_shorter",
          f"must be 0 or >= data.image_size ({c.data.image_size}), got {c.data.resize_shorter}")
   holdout = c.data.get("holdout_examples", 0)  # absent from config.json of workdirs made before the field

@@ -60,9 +60,11 @@ def _line(record: dict[str, Any]) -> str:
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike[str]], rule: str = "ms", top: int = 5,
-                  as_json: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+                  as_json: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+                  max_pixels: int | None = None) -> int:
   """Classify every image file under `paths` with `rule`, one line per file on `out`; returns how many files
-  were skipped (each named on `err`). UserError when no file could be read at all."""
+  were skipped (each named on `err`). UserError when no file could be read at all. `max_pixels` (default the
+  workdir config's data.max_pixels) refuses files whose header claims more pixels, before decoding."""
   if rule == "oracle":
     raise errors.InvalidInputError("rule 'oracle' routes by each image's true bin, which a file does not carry; use "
                                    "--rule=bitstream (the bin read from the file) or --rule=ms")
@@ -73,6 +75,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike[str]],
   if not files:
     raise errors.MissingInputError(f"no image files in {', '.join(map(str, paths))}")
   rules = [list(b.match) for b in predictor.config.bins]
+  limit = int(predictor.config.data.max_pixels if max_pixels is None else max_pixels)
+  if limit < 1:
+    raise errors.InvalidInputError(f"--max-pixels must be >= 1, got {limit}")
   batch, skipped, done = predictor.buckets[-1], 0, 0
   bar = tqdm.tqdm(total=len(files), desc="predict", unit="file", file=err, leave=False, disable=len(files) <= batch)
   for lo in range(0, len(files), batch):
@@ -80,7 +85,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike[str]],
     shaped: list[np.ndarray] = []
     for path in files[lo:lo + batch]:
       try:
-        f = read_image(path)
+        f = read_image(path, limit)
         shaped.append(predictor.shape(f.image, f.path))
         good.append(f)
       except errors.UserError as e:

@@ -62,7 +62,8 @@ def test_runlocal_console_has_no_library_logs(runlocal):
 @pytest.mark.slow
 def test_runlocal_library_logs_go_to_the_workdir(runlocal):
   proc, workdir = runlocal
-  assert sorted(p.name for p in (workdir / "logs").iterdir()) == ["run-p0.log"]
+  # the degrade workers' file: their Python warnings and C libraries' stderr (msnet.data.degrade._init_worker)
+  assert sorted(p.name for p in (workdir / "logs").iterdir()) == ["degrade-part0-workers.log", "run-p0.log"]
   log = (workdir / "logs" / "run-p0.log").read_text().splitlines()
   assert log[0].endswith("] msnet " + " ".join(["run", CONFIG, f"--workdir={workdir}", *SHRINK]))
   # orbax's checkpoint manager logs every save at INFO, in absl's format.
@@ -158,7 +159,7 @@ def _png(size: int) -> bytes:
 
 @pytest.mark.parametrize("image, named", [
     (_png(16), "image is 16x16, smaller than config.data.image_size=32"),
-    (b"not an image", "cannot decode image"),
+    (b"not an image", "not an image: neither JPEG"),
 ], ids=["too-small", "not-an-image"])
 def test_bad_source_image_is_one_line(tmp_path, image, named):
   workdir = tmp_path / "w"

@@ -18,7 +18,7 @@ import pytest
 
 from msnet import config as config_lib
 from msnet import parallel
-from msnet.data import degrade, loader, shards, sources
+from msnet.data import degrade, loader, reader, shards, sources
 
 IMAGE = 8  # synthetic shard images are 8x8
 
@@ -339,6 +339,11 @@ def test_tfds_source(tmp_path):
   got = sorted((int(src[i]["image"][0, 0, 0]), src[i]["label"]) for i in range(3))
   assert got == [(0, 0), (20, 1), (40, 0)]
   assert src[0]["image"].shape == (10, 10, 3)  # 10x14 center-cropped
+  # The records are decoded by msnet's reader (reader.decode), as folder files are: the pixel limit applies.
+  limited = sources.open_source(_data_cfg(source="tfds", tfds_name="tiny_images", tfds_data_dir=str(tmp_path),
+                                          image_size=10, max_pixels=139), "test")
+  with pytest.raises(reader.PixelLimitError, match=r"tfds:tiny_images/test\[1\]: 14x10 = 140 pixels"):
+    limited[1]
 
 
 # ---- loaders ----

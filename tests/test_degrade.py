@@ -260,6 +260,8 @@ def _bad_folder(root):
     (root / "val" / name).write_bytes(_encoded(image, fmt))
     with PIL.Image.open(root / "val" / name) as im:
       array = np.asarray(im.convert("RGB"))
+    if image.mode.startswith("I;16"):  # scaled by its bit depth (NumPy float64), not clipped by Pillow's convert
+      array = np.repeat(np.round(np.asarray(image) / 65535 * 255).astype(np.uint8)[..., None], 3, axis=2)
     top, left = (array.shape[0] - 16) // 2, (array.shape[1] - 16) // 2
     expected[f"val/{name}"] = array[top:top + 16, left:left + 16]
   for name, data in unusable.items():
@@ -307,7 +309,7 @@ def test_unusable_files_skipped_named_and_said(corrupt_folder, capsys):
 
 @pytest.mark.parametrize("bad, fix", [("b/4.png", "image is 8x12, smaller than config.data.image_size=16; set "
                                                   "config.data.resize_shorter"),
-                                      ("b/3.jpg", "cannot decode image")])
+                                      ("b/3.jpg", "not an image: neither JPEG")])
 def test_unusable_file_refused_with_its_name(corrupt_folder, bad, fix):
   c, tmp, _ = corrupt_folder
   for name in ("a/4.jpg", "b/1.png", "b/2.png", "b/3.jpg", "b/4.png"):
@@ -344,3 +346,24 @@ def test_spec_subset_runs_accumulate_in_manifest(tmp_path):
   degrade.run_degrade(_config(), w, specs=["clean"])
   m = degrade.run_degrade(_config(), w, specs=["jpeg:10"])
   assert set(m["splits"]["test"]["specs"]) == {"clean", "jpeg:10"}
+
+
+def test_worker_warnings_go_to_the_log_not_the_terminal(corrupt_folder, capfd):
+  """Pillow warns (DecompressionBombWarning) on a PNG claiming 10000x10000 before msnet refuses it by its
+  header: in a worker process that warning goes to W/logs/, not to the terminal the workers share."""
+  import struct
+  import zlib
+  from msnet import pipeline
+  c, tmp, _ = corrupt_folder
+  png = bytearray(_encoded(PIL.Image.new("RGB", (16, 16)), "PNG"))
+  struct.pack_into(">II", png, 16, 10_000, 10_000)  # IHDR width, height
+  struct.pack_into(">I", png, 29, zlib.crc32(bytes(png[12:29])))
+  (tmp / "f" / "val" / "a" / "9.png").write_bytes(bytes(png))
+  c.degrade.num_workers = 1
+  pipeline.degrade(c, tmp / "w")
+  out, err = capfd.readouterr()
+  assert "DecompressionBombWarning" not in out + err
+  log = (tmp / "w" / "logs" / "degrade-part0-workers.log").read_text()
+  assert "DecompressionBombWarning" in log
+  val = shards.read_json(tmp / "w" / "data" / "manifest.json")["splits"]["val"]
+  assert "val/a/9.png" in val["skipped_names"]

@@ -331,6 +331,28 @@ def test_predict_files_skips_bad_files(predictor: predict.Predictor, tmp_path: p
   assert record["branch"] == max(record["bin_probs"], key=record["bin_probs"].get)
 
 
+def test_odd_files_are_skipped_and_the_rest_printed(predictor: predict.Predictor, tmp_path: pathlib.Path) -> None:
+  """Files Pillow half-reads and decompression bombs, in one batch with good files: the good ones are classified
+  and printed, every odd one is named and skipped (test_reader.py makes the files)."""
+  from test_reader import _odd_files  # noqa: PLC0415 (the odd files of the reader tests)
+  odd = _odd_files()
+  for name, data in odd.items():
+    (tmp_path / name).write_bytes(data)
+  for k in range(3):
+    PIL.Image.fromarray(_images(1, seed=k)[0]).save(tmp_path / f"good{k}.png")
+  out, err = io.StringIO(), io.StringIO()
+  assert files.predict_files(predictor, [tmp_path], rule="ms", top=1, out=out, err=err) == len(odd)
+  assert sorted(pathlib.Path(line.split(": ")[0]).name for line in out.getvalue().splitlines()) == [
+      "good0.png", "good1.png", "good2.png"]
+  for name in odd:
+    assert f"skipped {tmp_path / name}: " in err.getvalue(), name
+  assert "pixels is more than the limit of 89,478,485" in err.getvalue()
+  out, err = io.StringIO(), io.StringIO()
+  with pytest.raises(errors.InvalidInputError, match="none of the 1 files"):
+    files.predict_files(predictor, [tmp_path / "good0.png"], out=out, err=err, max_pixels=32 * 32 - 1)
+  assert "1,024 pixels is more than the limit of 1,023" in err.getvalue()
+
+
 def test_cli_predict(setup: dict[str, Any], tmp_path: pathlib.Path) -> None:
   PIL.Image.fromarray(_images(1)[0]).save(tmp_path / "a.png")
   (tmp_path / "b.jpg").write_bytes(codecs.jpeg_encode(_images(1, seed=7)[0], 10, "420"))
@@ -346,3 +368,5 @@ def test_cli_predict(setup: dict[str, Any], tmp_path: pathlib.Path) -> None:
   assert f"skipped {tmp_path / 'c.jpg'}" in proc.stderr
   proc = run(str(tmp_path / "a.png"), str(tmp_path / "missing.png"))
   assert proc.returncode == 2 and "missing.png: no such file" in proc.stderr
+  proc = run("--max-pixels=1000", str(tmp_path / "a.png"))
+  assert proc.returncode == 2 and "1,024 pixels is more than the limit of 1,000" in proc.stderr

@@ -35,9 +35,11 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
+import pathlib
 import re
 import sys
 import time
@@ -176,7 +178,8 @@ def _write_part(config: ml_collections.ConfigDict, data_dir: epath.Path, header:
   print(f"[degrade] part {part + 1}/{num_parts}: {len(mine)} shards, {len(mine) - len(todo)} already "
         f"complete, {len(todo)} to write with {config.degrade.num_workers} workers")
   job = {"data": config.data.to_dict(), "seed": int(config.seed), "on_corrupt": config.degrade.on_corrupt,
-         "rules": [list(b.match) for b in config.bins], "data_dir": os.fspath(data_dir)}
+         "rules": [list(b.match) for b in config.bins], "data_dir": os.fspath(data_dir),
+         "log_file": os.fspath(data_dir.parent / "logs" / f"degrade-part{part}-workers.log")}
   for sidecar in _run_units(todo, job, int(config.degrade.num_workers)):
     done[sidecar["file"]] = sidecar
   for car in done.values():  # sidecars written before skipped files were named
@@ -475,9 +478,21 @@ def _records_of(data: dict[str, Any], unit: Unit) -> list[Any]:
   return _decoded[key]
 
 
-def _init_worker(counter: Any) -> None:
+def _init_worker(counter: Any, log_file: str | None = None) -> None:
+  """A worker's progress counter; with `log_file`, everything the worker would print on the terminal the
+  workers share goes there instead: its Python warnings and logging records (Pillow's warnings on odd files)
+  and what C libraries write to stderr (libtiff's and libjpeg's messages), as the main process's go to W/logs/."""
   global _progress
   _progress = counter
+  if log_file is not None:
+    pathlib.Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s worker {os.getpid()} %(name)s %(levelname)s %(message)s"))
+    logging.root.addHandler(handler)
+    logging.captureWarnings(True)
 
 
 def _run_units(units: Sequence[Unit], job: dict[str, Any], num_workers: int) -> Iterator[dict[str, Any]]:
@@ -495,7 +510,8 @@ def _run_units(units: Sequence[Unit], job: dict[str, Any], num_workers: int) -> 
         yield _degrade_unit(u, job)
         bar.update(counter.value - bar.n)
       return
-    with ctx.Pool(min(num_workers, len(units)), initializer=_init_worker, initargs=(counter,)) as pool:
+    with ctx.Pool(min(num_workers, len(units)), initializer=_init_worker,
+                  initargs=(counter, job.get("log_file"))) as pool:
       pending = [pool.apply_async(_degrade_unit, (u, job)) for u in units]
       while pending:
         time.sleep(0.2)

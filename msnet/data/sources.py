@@ -7,8 +7,10 @@ Three kinds, chosen by `config.data.source`:
 - "tfds": `tfds.data_source(name, split=..., data_dir=...)`, random access over ArrayRecord files with
   no TensorFlow in the process.
 
-Sources only decode and shape images; the degrade job applies `max_*_examples` caps. A source image is
-converted to RGB (grey and RGBA through `degradations.as_rgb_uint8`, on purpose: the network and the
+Sources only decode and shape images; the degrade job applies `max_*_examples` caps. Every source decodes
+with `reader.decode`, the reader of `msnet predict` and external sets: the pixel limit
+(`data.max_pixels`) checked from the header, truncated files refused, EXIF orientation applied, more than
+8 bits scaled by the bit depth, RGB out (grey replicated and alpha dropped on purpose: the network and the
 codecs work on 3 channels). With `resize_shorter > 0` the shorter side is resized (bicubic) and the
 center `image_size` square is cropped, before any degradation, so the network sees exactly the
 degraded pixels. Without resizing a larger image is center-cropped and a smaller one is unusable
@@ -45,12 +47,13 @@ class ImageSource:
   """Random access to `{"image": uint8 HxWx3, "label": int}` with `.class_names`."""
 
   def __init__(self, names: Sequence[str], relative_names: Sequence[str], class_names: Sequence[str],
-               image_size: int, resize_shorter: int):
+               image_size: int, resize_shorter: int, max_pixels: int):
     self.names = list(names)  # file name (or tfds key) of each record, for error messages
     self.relative_names = list(relative_names)  # the same relative to the source, for the manifest
     self.class_names = list(class_names)
     self._image_size = image_size
     self._resize_shorter = resize_shorter
+    self.max_pixels = max_pixels  # the reader's limit, from the header before decoding (reader.PixelLimitError)
 
   def __len__(self) -> int:
     return len(self.names)
@@ -69,7 +72,7 @@ class ImageSource:
 class _ArchiveFolder(ImageSource):
   """An ImageFolder inside a tarball, read once into memory; members are decoded on access."""
 
-  def __init__(self, path: pathlib.Path, split: str, image_size: int, resize_shorter: int):
+  def __init__(self, path: pathlib.Path, split: str, image_size: int, resize_shorter: int, max_pixels: int):
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":
       data = gzip.decompress(data)
@@ -87,20 +90,20 @@ class _ArchiveFolder(ImageSource):
     label_of = {c: i for i, c in enumerate(class_names)}
     entries = _round_robin([by_class[c] for c in class_names])
     super().__init__([f"{path}:{e[1]}" for e in entries], [e[1] for e in entries], class_names, image_size,
-                     resize_shorter)
+                     resize_shorter, max_pixels)
     self._labels = [label_of[e[0]] for e in entries]
     self._data = memoryview(data)
     self._spans = [(e[2], e[3]) for e in entries]
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
     offset, size = self._spans[i]
-    return reader.decode_pillow(self._data[offset:offset + size], self.names[i]), self._labels[i]
+    return reader.decode(self._data[offset:offset + size], self.names[i], self.max_pixels).image, self._labels[i]
 
 
 class _DirFolder(ImageSource):
   """An ImageFolder directory `root/split/class/*`."""
 
-  def __init__(self, root: pathlib.Path, split: str, image_size: int, resize_shorter: int):
+  def __init__(self, root: pathlib.Path, split: str, image_size: int, resize_shorter: int, max_pixels: int):
     split_dir = root / split
     if not split_dir.is_dir():
       raise errors.MissingInputError(f"{root}: no split directory '{split}'; add {split}/<class>/ image folders or "
@@ -111,7 +114,7 @@ class _DirFolder(ImageSource):
     if not entries:
       raise errors.MissingInputError(f"{split_dir}: no images in '<class>/' folders (expected {IMAGE_EXTENSIONS})")
     super().__init__([str(e[0]) for e in entries], [e[0].relative_to(root).as_posix() for e in entries],
-                     class_names, image_size, resize_shorter)
+                     class_names, image_size, resize_shorter, max_pixels)
     self._labels = [e[1] for e in entries]
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
@@ -119,31 +122,35 @@ class _DirFolder(ImageSource):
       data = pathlib.Path(self.names[i]).read_bytes()
     except OSError as e:
       raise CorruptImageError(f"{self.names[i]}: {e}") from None
-    return reader.decode_pillow(data, self.names[i]), self._labels[i]
+    return reader.decode(data, self.names[i], self.max_pixels).image, self._labels[i]
 
 
 class _TfdsSource(ImageSource):
-  """`tfds.data_source`: random access, images decoded by TFDS with Pillow, no TensorFlow."""
+  """`tfds.data_source`: random access, no TensorFlow. The images are read undecoded (SkipDecoding) and decoded
+  by `reader.decode`, so a TFDS record and the same file in a folder give the same pixels or the same refusal."""
 
-  def __init__(self, name: str, split: str, data_dir: str, image_size: int, resize_shorter: int):
+  def __init__(self, name: str, split: str, data_dir: str, image_size: int, resize_shorter: int,
+               max_pixels: int):
     import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only this source needs it)
-    self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                decoders={"image": tfds.decode.SkipDecoding()})
     label = self._ds.dataset_info.features["label"]
     super().__init__([f"tfds:{name}/{split}[{i}]" for i in range(len(self._ds))],
                      [f"{split}[{i}]" for i in range(len(self._ds))], label.names,
-                     image_size, resize_shorter)
+                     image_size, resize_shorter, max_pixels)
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
     try:
       record = self._ds[i]
-    except Exception as e:  # TFDS raises whatever its image decoder raises on a bad record
+    except Exception as e:  # noqa: BLE001 (TFDS raises whatever its deserializer raises on a bad record)
       raise CorruptImageError(f"{self.names[i]}: {e}") from None
-    return reader.to_rgb(np.asarray(record["image"]), self.names[i]), int(record["label"])
+    return reader.decode(record["image"], self.names[i], self.max_pixels).image, int(record["label"])
 
 
 def open_source(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
   """The source of `data_cfg` ("source", "path", "tfds_*", "image_size", "resize_shorter") for a split."""
   size, shorter = int(data_cfg["image_size"]), int(data_cfg["resize_shorter"])
+  limit = int(data_cfg.get("max_pixels", reader.DEFAULT_MAX_PIXELS))
   kind = data_cfg["source"]
   if kind == "embedded_cifar10":
     path = EMBEDDED_DIR / f"{split}.tar.gz"
@@ -151,16 +158,16 @@ def open_source(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
       raise errors.MissingInputError(f"embedded CIFAR-10 has no split {split!r}: set config.data.train_split / "
                                      "eval_split to 'train' or 'test'")
     _verify_embedded(path)
-    return _ArchiveFolder(path, split, size, shorter)
+    return _ArchiveFolder(path, split, size, shorter, limit)
   if kind == "folder":
     path = pathlib.Path(data_cfg["path"]).expanduser()
     if path.is_dir():
-      return _DirFolder(path, split, size, shorter)
+      return _DirFolder(path, split, size, shorter, limit)
     if path.is_file():
-      return _ArchiveFolder(path, split, size, shorter)
+      return _ArchiveFolder(path, split, size, shorter, limit)
     raise errors.MissingInputError(f"config.data.path: {path} is neither a directory nor a .tar/.tar.gz file")
   if kind == "tfds":
-    return _TfdsSource(data_cfg["tfds_name"], split, data_cfg["tfds_data_dir"], size, shorter)
+    return _TfdsSource(data_cfg["tfds_name"], split, data_cfg["tfds_data_dir"], size, shorter, limit)
   raise ValueError(f"config.data.source: unknown source {kind!r}")
 
 

@@ -27,13 +27,16 @@ def jpeg_decode(data: bytes) -> np.ndarray:
   return imagecodecs.jpeg8_decode(data)
 
 
-def _strip_com(codestream: bytes) -> bytes:
+def strip_com(codestream: bytes) -> bytes:
   """The J2K codestream without COM segments in its main header (comments; no decoder reads them)."""
   if codestream[:4] != b"\xff\x4f\xff\x51":
     raise ValueError("expected a J2K codestream starting with SOC, SIZ")
   out, i = [codestream[:2]], 2
   while codestream[i:i + 2] != b"\xff\x90":  # up to the first tile-part (SOT)
-    end = i + 2 + int.from_bytes(codestream[i + 2:i + 4], "big")
+    length = int.from_bytes(codestream[i + 2:i + 4], "big")
+    if codestream[i:i + 1] != b"\xff" or length < 2 or i + 2 + length > len(codestream):
+      raise ValueError(f"corrupt J2K main header: no valid marker segment at byte {i}")
+    end = i + 2 + length
     if codestream[i:i + 2] != b"\xff\x64":
       out.append(codestream[i:end])
     i = end
@@ -43,7 +46,7 @@ def _strip_com(codestream: bytes) -> bytes:
 
 def jp2k_encode_psnr(image: np.ndarray, psnr: float) -> bytes:
   """OpenJPEG fixed-quality encode at target PSNR `psnr` dB (the pixels of imagecodecs' `level=psnr`)."""
-  return _strip_com(openjpeg.encode(image, psnr=psnr))
+  return strip_com(openjpeg.encode(image, psnr=psnr))
 
 
 def jp2k_encode_ratio(image: np.ndarray, ratio: float) -> bytes:
@@ -62,7 +65,7 @@ def jp2k_encode_ratio(image: np.ndarray, ratio: float) -> bytes:
   upsampled CIFAR images stop at 26-44:1; CIFAR images at 2-5.4:1). The ratio achieved is `apply`'s
   info["ratio"].
   """
-  return _strip_com(openjpeg.encode(image, ratio=ratio))
+  return strip_com(openjpeg.encode(image, ratio=ratio))
 
 
 def jp2k_decode(data: bytes) -> np.ndarray:

@@ -52,8 +52,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from msnet import degradations, errors, files, parallel
-from msnet.data import loader, shards, sources
+from msnet import degradations, errors, parallel
+from msnet.data import loader, reader, shards, sources
 from msnet.evaluate.groups import build_groups
 from msnet.evaluate.plan import make_plan, method_names
 from msnet.evaluate.results import append_cell, correct_path, read_cells, rows_of, write_correct, write_results
@@ -83,6 +83,7 @@ class CellSource:
     self.names, self.labels = list(names), [int(x) for x in labels]
     self.skipped: list[str] = []
     self._size, self._shorter = int(data_cfg.image_size), int(data_cfg.resize_shorter)
+    self._max_pixels = int(data_cfg.max_pixels)
     self._rules = bin_rules
 
   def __len__(self) -> int:
@@ -119,11 +120,11 @@ class CellSource:
 
 
 class FileCell(CellSource):
-  """Image files read as `msnet predict` reads them (`files.read_image`: the shards' decoders, the bin from
-  the file's own bitstream, lossless files in the clean bin)."""
+  """Image files read as `msnet predict` reads them (`reader.read_image`: the shards' decoders, the bin from
+  the file's own bitstream, lossless files in the clean bin, config.data.max_pixels)."""
 
   def _load(self, i: int) -> tuple[np.ndarray, int]:
-    f = files.read_image(self.names[i])
+    f = reader.read_image(self.names[i], self._max_pixels)
     return f.image, degradations.bin_of_bitstream(f.bitstream, self._rules)
 
 
