@@ -10,8 +10,10 @@ evaluation runs. `run_evaluate` then runs with config.evaluate.device_data="off"
 jitted call per batch) and with "on" (each spec's records put on the devices, one scanned call per group),
 alternating for `--rounds` rounds (a shared machine's load drifts), each from an empty W/eval. img/s counts
 evaluated records (every method on each); "steady" excludes the first spec (its compile), from cells.jsonl's
-per-spec wall_s; "whole" is the call's wall time, compile and setup included; the summary takes each
-path's median over the rounds. Both paths must write the same per-image bits (checked).
+per-spec wall_s; "whole" is the call's wall time, compile and setup included; "per CPU second" divides by
+the process's CPU time over the call (every thread), which other programs on a shared machine disturb less
+than wall time; the summary takes each path's median over the rounds. Both paths must write the same
+per-image bits (checked).
 """
 
 from __future__ import annotations
@@ -107,9 +109,9 @@ def run(c: Any, workdir: pathlib.Path, mode: str) -> dict[str, Any]:
 
   shutil.rmtree(workdir / "eval", ignore_errors=True)
   c.evaluate.device_data = mode
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   evaluate.run_evaluate(c, workdir)
-  whole = time.perf_counter() - start
+  whole, cpu = time.perf_counter() - start, time.process_time() - cpu
   cells = [json.loads(line) for line in (workdir / "eval" / "cells.jsonl").read_text().splitlines()]
   meta = json.loads((workdir / "eval" / "results.json").read_text())["meta"]
   records = sum(cell["quality"]["records"] for cell in cells)
@@ -117,6 +119,7 @@ def run(c: Any, workdir: pathlib.Path, mode: str) -> dict[str, Any]:
   bits = {p.name: p.read_bytes() for p in sorted((workdir / "eval" / "correct").glob("*.npz"))}
   return dict(mode=mode, device_data=meta["device_data"], records=records, whole_s=round(whole, 2),
               whole_img_per_s=round(records / whole, 1), steady_img_per_s=round(steady, 1),
+              cpu_s=round(cpu, 2), img_per_cpu_s=round(records / cpu, 1), load_average=os.getloadavg()[0],
               spec_wall_s=[cell["wall_s"] for cell in cells], methods=len(meta["methods"]), bits=bits)
 
 
@@ -141,14 +144,15 @@ def main() -> None:
     raise SystemExit("bench_eval: the two paths wrote different per-image bits")
   for r in runs:
     print(f"device_data={r['mode']:>3}: {r['records']} records, {r['methods']} methods: whole {r['whole_s']:6.1f} s "
-          f"({r['whole_img_per_s']:7.1f} img/s), steady {r['steady_img_per_s']:7.1f} img/s")
+          f"({r['whole_img_per_s']:7.1f} img/s), steady {r['steady_img_per_s']:7.1f} img/s, "
+          f"{r['img_per_cpu_s']:6.1f} img per CPU second (load {r['load_average']:.1f})")
   median = {mode: {k: statistics.median(r[k] for r in runs if r["mode"] == mode)
-                   for k in ("whole_img_per_s", "steady_img_per_s")} for mode in ("off", "on")}
+                   for k in ("whole_img_per_s", "steady_img_per_s", "img_per_cpu_s")} for mode in ("off", "on")}
   ratio = {k: round(median["on"][k] / median["off"][k], 3) for k in median["on"]}
   print(f"medians: streamed {median['off']}, device-resident {median['on']}; on / off: {ratio}")
   write_results(args.out, dict(backend=jax.default_backend(), devices=jax.device_count(), specs=specs,
                                images_per_spec=args.images, global_batch=c.evaluate.global_batch,
-                               load_average=os.getloadavg(), runs=runs, median=median, on_over_off=ratio))
+                               runs=runs, median=median, on_over_off=ratio))
 
 
 if __name__ == "__main__":

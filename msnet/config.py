@@ -203,8 +203,8 @@ def base_config() -> ml_collections.ConfigDict:
       # Each spec's records on the devices once, every batch evaluated by one scanned call, or streamed from
       # the host batch by batch: "on", "off", a budget in bytes per device (e.g. "2e9": a spec whose records
       # take more streams), or "auto": a budget of half the accelerators' free memory, and "off" on the CPU
-      # (streaming measured as fast or faster there: benchmarks/bench_eval.py). The results are the same
-      # either way (msnet/evaluate/resident.py).
+      # (neither path measured faster there: benchmarks/bench_eval.py). The results are the same either
+      # way (msnet/evaluate/resident.py).
       device_data="auto",
   ))
 

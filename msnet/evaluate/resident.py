@@ -9,8 +9,9 @@ the same.
 
 config.evaluate.device_data decides per spec: "on", "off", a budget in bytes per device, or "auto": half of
 the smallest free memory of this process's accelerators, and the host path on the CPU, where the networks'
-compute bounds both paths and streaming measured as fast or faster (benchmarks/bench_eval.py: 0.91x for the
-device path, median of 2 alternating rounds on the demo's networks, 2 shared cores).
+compute bounds both paths and neither measured faster (benchmarks/bench_eval.py on the demo's networks, 2
+shared cores: images per CPU second 0.96x and 1.06x for the device path in two runs of alternating rounds,
+wall-clock figures swinging more than that with the other programs' load).
 """
 
 from __future__ import annotations
