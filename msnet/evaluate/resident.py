@@ -34,8 +34,8 @@ _FREE_SHARE = 0.5                            # of an accelerator's free memory "
 
 def num_batches(records: int, global_batch: int) -> int:
   """Batches of the largest process slice: every process runs the same number (collectives in lockstep)."""
-  local = global_batch // jax.process_count()
-  return -(-(-(-records // jax.process_count())) // local)
+  largest = -(-records // jax.process_count())
+  return -(-largest // (global_batch // jax.process_count()))
 
 
 def bytes_per_device(records: int, image_shape: tuple[int, ...], global_batch: int, mesh: Any) -> int:
