@@ -191,6 +191,12 @@ def base_config() -> ml_collections.ConfigDict:
       # "auto": on accelerators when they fit a quarter of the device's memory, on the CPU "off" (its data
       # order is the one the committed results used; benchmarks/bench_steps_per_call.py measures both).
       device_data="auto",
+      # The host path's records (device_data off, num_workers = 0) read once into host memory, each batch
+      # gathered from there instead of read from the shards: the same batches and checkpointed state either
+      # way. "on", "off", a budget in bytes, or "auto": when they fit a quarter of the memory available as the
+      # loader opens (MemAvailable; each process of a host holds its own copy). 224x224 ImageNet does not
+      # fit and streams (benchmarks/bench_loader.py measures both paths).
+      host_cache="auto",
   ))
 
   c.evaluate = ml_collections.ConfigDict(dict(
@@ -415,6 +421,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.train.steps_per_call >= 1, "train.steps_per_call", "must be >= 1")
   _check(_device_data_ok(c.train.device_data), "train.device_data",
          f"must be 'auto', 'on', 'off' or a budget in bytes per device >= 0, got {c.train.device_data!r}")
+  _check(_device_data_ok(c.train.host_cache), "train.host_cache",
+         f"must be 'auto', 'on', 'off' or a budget in bytes >= 0, got {c.train.host_cache!r}")
+  _check(c.train.host_cache != "on" or c.train.num_workers == 0, "train.host_cache",
+         "'on' reads the records into this process's memory, which Grain worker processes "
+         f"(train.num_workers = {c.train.num_workers}) do not use: set num_workers = 0 or host_cache = 'auto'")
   _check(c.evaluate.global_batch >= 1, "evaluate.global_batch", "must be >= 1")
   _check(_device_data_ok(c.evaluate.device_data), "evaluate.device_data",
          f"must be 'auto', 'on', 'off' or a budget in bytes per device >= 0, got {c.evaluate.device_data!r}")

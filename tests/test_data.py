@@ -508,3 +508,109 @@ def test_stream_ids_are_grains_ids(lengths, weights, seed):
   np.testing.assert_array_equal(ids(np.arange(n)), want)
   positions = np.random.default_rng(0).permutation(n)[:50]
   np.testing.assert_array_equal(loader._StreamIds(lengths, weights, seed)(positions), want[positions])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 65536, 65537, 70001])
+def test_vectorised_permutation_is_grains_index_shuffle(n):
+  """Grain's C++ index_shuffle, element by element, is the reference (65537: its 16-bit block, where index
+  65536 aliases 0 and the 'permutation' repeats an element: matched too)."""
+  from grain.experimental import index_shuffle
+  for seed in (0, 1, 12345, 2**31 + 7, 2**32 - 1):
+    want = np.fromiter((index_shuffle(j, n - 1, seed, 4) for j in range(n)), np.int64, count=n)
+    np.testing.assert_array_equal(loader._permutation(n, seed), want)
+
+
+def _batches(loader_, steps):
+  return [{k: np.asarray(v) for k, v in next(loader_).items()} for _ in range(steps)]
+
+
+@pytest.mark.parametrize("specs,weights,label_key", [(["clean"], None, "label"),
+                                                     (["clean", "jpeg:10"], None, "bin"),
+                                                     (["clean", "jpeg:10"], [3.0, 1.0], "label")])
+def test_host_cache_gives_the_streamed_batches_and_states(shard_workdir, specs, weights, label_key):
+  """Cached and streamed loaders: the same batches bit for bit over two epochs and more, and either one's
+  state resumes the other at the same next batch."""
+  mesh = parallel.make_mesh([("data", -1)])
+
+  def make(cache):
+    tl = loader.TrainLoader(shard_workdir, "train", specs, weights, 16, 11, mesh, True, 0, label_key=label_key,
+                            host_cache=cache)
+    assert tl.cached == (cache == "on")
+    return tl
+  cached, streamed = make("on"), make("off")
+  steps = 2 * cached.num_records // 16 + 3
+  want = _batches(streamed, steps)
+  got = _batches(cached, steps)
+  for w, g in zip(want, got):
+    assert g["image"].dtype == w["image"].dtype and g["label"].dtype == w["label"].dtype == np.int32
+    np.testing.assert_array_equal(g["image"], w["image"])
+    np.testing.assert_array_equal(g["label"], w["label"])
+  assert len({tuple(_index(b["image"])) for b in got}) == steps  # the stream moves: no repeated batch
+  assert cached.get_state() == streamed.get_state() == {"next_index": steps}
+  for source, target in (("off", "on"), ("on", "off")):
+    a, b = make(source), make(target)
+    _batches(a, 5)
+    b.set_state(a.get_state())
+    for w, g in zip(want[5:9], _batches(b, 4)):
+      np.testing.assert_array_equal(g["image"], w["image"])
+      np.testing.assert_array_equal(g["label"], w["label"])
+
+
+def test_host_cache_reader_matches_the_shard_reader_per_process(shard_workdir):
+  """Simulated 2 processes: each process's cached batch equals its batch read from the shards (the flips
+  by stream position)."""
+  src = [shards.open_shards(shards.spec_dir(shard_workdir, "train", s)) for s in ("clean", "jpeg:10")]
+  ids = np.random.default_rng(3).integers(0, sum(len(s) for s in src), 8)
+  for p in range(2):
+    cached = loader._CachedReader(src, "bin", 5, 8, p, 2)
+    streamed = loader._BatchReader(src, {"label": "bin"}, 5, 8, p, 2)
+    for k in range(3):
+      want, got = streamed(k, ids), cached(k, ids)
+      np.testing.assert_array_equal(got["image"], want["image"])
+      np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_host_cache_budget(shard_workdir, monkeypatch):
+  assert 0 < loader.available_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  src = [shards.open_shards(shards.spec_dir(shard_workdir, "train", s)) for s in ("clean", "jpeg:10")]
+  nbytes = loader.record_bytes(src)
+  assert nbytes == (64 + 48) * (IMAGE * IMAGE * 3 + 4)
+  assert loader.use_host_cache("on", 10**15) and not loader.use_host_cache("off", 0)
+  assert loader.use_host_cache(str(nbytes), nbytes) and not loader.use_host_cache(nbytes - 1, nbytes)
+  monkeypatch.setattr(loader, "available_memory", lambda: 4 * nbytes)
+  assert loader.use_host_cache("auto", nbytes) and not loader.use_host_cache("auto", nbytes + 1)
+  mesh = parallel.make_mesh([("data", -1)])
+  for budget, cached in ((nbytes, True), (nbytes - 1, False)):
+    tl = loader.TrainLoader(shard_workdir, "train", ["clean", "jpeg:10"], None, 16, 0, mesh, True, 0,
+                            host_cache=budget)
+    assert tl.cached == cached
+
+
+def test_read_arrays_into_given_arrays(shard_workdir):
+  src = shards.open_shards(shards.spec_dir(shard_workdir, "train", "clean"))
+  whole = src.read_arrays(fields=["label"])
+  images, labels = np.zeros((70, IMAGE, IMAGE, 3), np.uint8), np.zeros(70, np.int32)
+  got = src.read_arrays(10, 40, ["label"], out={"image": images[3:33], "label": labels[3:33]})
+  assert got["image"].base is images
+  np.testing.assert_array_equal(images[3:33], whole["image"][10:40])
+  np.testing.assert_array_equal(labels[3:33], whole["label"][10:40])
+  assert not images[:3].any() and not images[33:].any()
+  with pytest.raises(ValueError, match=r"read_arrays out: \['image'\] must be C-contiguous"):
+    src.read_arrays(0, 8, ["label"], out={"image": images[0:16:2], "label": labels[:8]})
+  with pytest.raises(ValueError, match=r"\['label'\]"):
+    src.read_arrays(0, 8, ["label"], out={"image": images[:8], "label": labels[:8].astype(np.int64)})
+
+
+def test_host_cache_config_field():
+  c = config_lib.base_config()
+  assert c.train.host_cache == "auto"
+  for ok in ("auto", "on", "off", "2e9", "0"):
+    c.train.host_cache = ok
+    config_lib.validate(c)
+  for bad in ("yes", "-1", "1e9 bytes"):
+    c.train.host_cache = bad
+    with pytest.raises(config_lib.ConfigError, match="train.host_cache"):
+      config_lib.validate(c)
+  c.train.host_cache, c.train.num_workers = "on", 2
+  with pytest.raises(config_lib.ConfigError, match="train.host_cache: 'on' reads .* num_workers"):
+    config_lib.validate(c)

@@ -14,7 +14,10 @@ number of processes (only whole global batches are ever read, and each record by
 processes, config.train.num_workers > 0); the threaded path computes the same ids with NumPy for whole
 batches (`_StreamIds`), reads each batch's records in one batched read per shard, decodes the headers
 as one array and flips while copying the pixels, in `shards.read_threads()` threads (one per core),
-batches in flight yielded in order and already on the devices.
+batches in flight yielded in order and already on the devices. Each epoch's permutation is Grain's
+index_shuffle computed for the whole epoch with NumPy (`_permutation`). When the records fit a host-memory
+budget (config.train.host_cache), they are read once in bulk and each batch is gathered from memory with
+the same ids and coins (`_CachedReader`): the same batches; otherwise each batch reads the shards.
 
 Augmentation is horizontal flip only. The shards hold exactly the degraded pixels the network must learn
 from; a flip re-encodes nothing and keeps JPEG block edges on the 8x8 (and 4:2:0 chroma 16x16) grid when
@@ -28,6 +31,7 @@ padded to the same number of batches on every process; `mask` is False on paddin
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -35,7 +39,6 @@ import weakref
 
 from etils import epath
 import grain
-from grain.experimental import index_shuffle
 import jax
 from jax.sharding import Mesh
 import numpy as np
@@ -47,6 +50,8 @@ from msnet.data import degrade, shards
 # per process keep memory bounded at 224 px.
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 _IN_FLIGHT_BYTES = 1 << 30  # images of the batches the threaded path reads ahead (at least 2 batches)
+_SHUFFLE_ROUNDS = 4  # the rounds of Grain's index_shuffle in MapDataset.shuffle
+_M32 = 0xFFFFFFFF
 
 
 def _check_batch(global_batch: int, mesh: Mesh, what: str) -> int:
@@ -89,13 +94,48 @@ class _BatchReader:
       got = source.read_batch(local) if hasattr(source, "read_batch") else [source.read(int(i)) for i in local]
       for j, record in zip(rows.tolist(), got):
         records[j] = record
-    flip = None
-    if self.flip_seed is not None:
-      # Element positions in the stream of all processes: the same flips for any process count.
-      first = (index * self.process_count + self.process_index) * self.local_batch
-      flip = _coin(self.flip_seed, np.arange(first, first + len(ids), dtype=np.uint64))
+    flip = _flips(self.flip_seed, index, len(ids), self.local_batch, self.process_index, self.process_count)
     batch = shards.decode_batch(records, list(dict.fromkeys(self.fields.values())), flip=flip)
     return {"image": batch["image"], **{name: batch[key] for name, key in self.fields.items()}}
+
+
+class _CachedReader:
+  """`_BatchReader`'s batches from host memory: the sources' records read once in bulk
+  (`ShardSource.read_arrays`: sequential reads in threads) into one image and one label array, then each
+  batch gathered by fancy indexing and its coins' images mirrored, with the same ids and coins, so the
+  same batches bit for bit at a few microseconds per image instead of a random ArrayRecord read each.
+  """
+
+  def __init__(self, sources: Sequence[Any], label_key: str, flip_seed: int | None, local_batch: int,
+               process_index: int, process_count: int):
+    shapes = sorted({tuple(s[0]["image"].shape) for s in sources})
+    if len(shapes) > 1:
+      raise ValueError(f"the train specs' images are of sizes {shapes}: one batch holds one image size")
+    offsets = np.cumsum([0] + [len(s) for s in sources])
+    self.images = np.empty((int(offsets[-1]), *shapes[0]), np.uint8)
+    self.labels = np.empty(int(offsets[-1]), np.int32)
+    for s, a, b in zip(sources, offsets[:-1], offsets[1:]):
+      s.read_arrays(fields=[label_key], out={"image": self.images[a:b], label_key: self.labels[a:b]})
+    self.flip_seed, self.local_batch = flip_seed, local_batch
+    self.process_index, self.process_count = process_index, process_count
+
+  def __call__(self, index: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    ids = np.asarray(ids, np.int64)
+    image = np.take(self.images, ids, axis=0)
+    flip = _flips(self.flip_seed, index, len(ids), self.local_batch, self.process_index, self.process_count)
+    if flip is not None and flip.any():
+      image[flip] = image[flip, :, ::-1]
+    return {"image": image, "label": np.take(self.labels, ids)}
+
+
+def _flips(seed: int | None, index: int, n: int, local_batch: int, process_index: int,
+           process_count: int) -> np.ndarray | None:
+  """The coins of the n rows of a process's local batch `index` (None: no flips), by the rows' positions in
+  the stream of all processes: the same flips for any process count."""
+  if seed is None:
+    return None
+  first = (index * process_count + process_index) * local_batch
+  return _coin(seed, np.arange(first, first + n, dtype=np.uint64))
 
 
 def _coin(seed: int, positions: np.ndarray) -> np.ndarray:
@@ -129,8 +169,72 @@ def id_dataset(lengths: Sequence[int], weights: Sequence[float] | None, seed: in
 
 
 def _permutation(n: int, seed: int) -> np.ndarray:
-  """Grain's shuffle of one epoch of n elements under `seed`: position j -> element."""
-  return np.fromiter((index_shuffle(j, n - 1, seed, 4) for j in range(n)), np.int64, count=n)
+  """Grain's shuffle of one epoch of n elements under `seed` (position j -> element), for all j at once:
+  `grain.experimental.index_shuffle(j, n - 1, seed, 4)` (tested equal) without a Python call per element.
+
+  Grain's C++ (index_shuffle.cc): a Simon cipher with words of W bits, W = max(ceil(log2(n - 1)) rounded up
+  to even, 16) / 2, round keys from `std::seed_seq{seed}`, two double rounds, re-encrypted while above
+  n - 1 (cycle walking). A block of 16 bits over a few elements would take thousands of re-encryptions
+  each: there the cycles of the whole block's table are walked by pointer doubling instead.
+  """
+  if n <= 1:
+    return np.zeros(max(n, 0), np.int64)
+  top = n - 1
+  bits = math.ceil(math.log2(top)) if top > 1 else 0  # log2 of libm, as Grain's std::log2
+  w = max(bits + bits % 2, 16) // 2
+  mask, shift = np.uint64((1 << w) - 1), np.uint64(w)
+  keys = [np.uint64(k) & mask for k in _seed_seq(seed, _SHUFFLE_ROUNDS)]
+
+  def rotl(x: np.ndarray, r: int) -> np.ndarray:
+    return ((x << np.uint64(r)) | (x >> np.uint64(w - r))) & mask
+
+  def simon(x: np.ndarray) -> np.ndarray:
+    return (rotl(x, 1) & rotl(x, 8)) ^ rotl(x, 2)
+
+  def encrypt(v: np.ndarray) -> np.ndarray:
+    left, right = (v >> shift) & mask, v & mask
+    for r in range(0, _SHUFFLE_ROUNDS, 2):
+      left ^= simon(right) ^ keys[r]
+      right ^= simon(left) ^ keys[r + 1]
+    return (left << shift) | right
+
+  block = 1 << 2 * w
+  if block > 4 * n:
+    nxt = encrypt(np.arange(block, dtype=np.uint64)).astype(np.int64)  # a permutation of the block
+    hit = nxt <= top
+    while not hit[:n].all():  # nxt[x]: x's answer where hit, else a value ever further along x's cycle
+      nxt, hit = np.where(hit, nxt, nxt[nxt]), hit | hit[nxt]
+    return nxt[:n]
+  out = np.arange(n, dtype=np.uint64)
+  todo = np.arange(n)
+  while todo.size:
+    out[todo] = encrypt(out[todo])
+    todo = todo[out[todo] > np.uint64(top)]
+  return out.astype(np.int64)
+
+
+def _seed_seq(seed: int, n: int) -> list[int]:
+  """`std::seed_seq{seed}.generate` of n 32-bit words (the algorithm the C++ standard specifies)."""
+  words, s = [0x8B8B8B8B] * n, 1
+  t = 11 if n >= 623 else 7 if n >= 68 else 5 if n >= 39 else 3 if n >= 7 else (n - 1) // 2
+  p = (n - t) // 2
+  q, m = p + t, max(s + 1, n)
+
+  def mix(x: int) -> int:
+    return x ^ (x >> 27)
+  for k in range(m):
+    r1 = 1664525 * mix(words[k % n] ^ words[(k + p) % n] ^ words[(k - 1) % n]) & _M32
+    r2 = r1 + (s if k == 0 else k % n + (seed & _M32) if k <= s else k % n) & _M32
+    words[(k + p) % n] = (words[(k + p) % n] + r1) & _M32
+    words[(k + q) % n] = (words[(k + q) % n] + r2) & _M32
+    words[k % n] = r2
+  for k in range(m, m + n):
+    r3 = 1566083941 * mix((words[k % n] + words[(k + p) % n] + words[(k - 1) % n]) & _M32) & _M32
+    r4 = (r3 - k % n) & _M32
+    words[(k + p) % n] ^= r3
+    words[(k + q) % n] ^= r4
+    words[k % n] = r4
+  return words
 
 
 def _mixture(positions: np.ndarray, proportions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -237,16 +341,55 @@ def _depth(source: Any, local_batch: int) -> int:
   return max(2, min(2 * shards.read_threads(), _IN_FLIGHT_BYTES // max(1, image_bytes)))
 
 
+def record_bytes(sources: Sequence[Any]) -> int:
+  """Host memory the records of `sources` take as arrays (uint8 images + int32 labels)."""
+  return sum(len(s) * (int(np.prod(s[0]["image"].shape)) + 4) for s in sources if len(s))
+
+
+def available_memory() -> int:
+  """Bytes of host memory available to new allocations now: MemAvailable of /proc/meminfo (Linux: free
+  memory plus the page cache the kernel can drop), else the free physical pages; 0 when neither is known."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return 0
+
+
+def use_host_cache(setting: Any, nbytes: int) -> bool:
+  """Whether a stage whose train records take `nbytes` (`record_bytes`) is held in host memory.
+
+  `setting` is config.train.host_cache: "off", "on", a budget in bytes, or "auto": a quarter of the
+  memory available when the loader opens (the rest for the model, evaluation and the other processes of
+  the host, each of which holds its own copy).
+  """
+  setting = str(setting)
+  if setting in ("off", "on"):
+    return setting == "on"
+  if setting == "auto":
+    return nbytes <= available_memory() // 4
+  return nbytes <= float(setting)
+
+
 class TrainLoader:
   """Infinite iterator of `{"image": uint8 [B,H,W,3], "label": int32 [B]}` global batches.
 
   `label_key="bin"` gives the quality bin as the label (the master's training). `get_state()` /
   `set_state()` save and restore the position: a restored loader yields the same next batch.
+  `host_cache` (config.train.host_cache, `use_host_cache`) holds the records in host memory when they fit
+  (`cached` says whether they are): the same batches and states as reading them from the shards, which
+  the threaded path does otherwise; Grain worker processes (num_workers > 0) always read the shards.
   """
 
   def __init__(self, workdir: str | os.PathLike[str], split: str, specs: Sequence[str],
                weights: Sequence[float] | None, global_batch: int, seed: int, mesh: Mesh,
-               hflip: bool, num_workers: int, label_key: str = "label"):
+               hflip: bool, num_workers: int, label_key: str = "label", host_cache: Any = "auto"):
     if not specs:
       raise ValueError("TrainLoader needs at least one spec")
     if weights is not None and (len(weights) != len(specs) or min(weights) <= 0):
@@ -262,13 +405,20 @@ class TrainLoader:
       raise ValueError(f"train global batch {global_batch} exceeds the {self.num_records} records of {list(specs)}")
 
     p, count = jax.process_index(), jax.process_count()
+    self.cached = False
     if num_workers > 0:
       ds = train_dataset(sources, weights, seed, hflip, local, p, count, label_key)
       _absl_flags_parsed()
       self._it = iter(ds.to_iter_dataset(_READ).mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers)))
       self._on_devices = False
       return
-    reader = _BatchReader(sources, {"label": label_key}, seed if hflip else None, local, p, count)
+    flip_seed = seed if hflip else None
+    self.cached = use_host_cache(host_cache, record_bytes(sources))
+    if self.cached:
+      reader: Callable[[int, np.ndarray], dict[str, np.ndarray]] = _CachedReader(sources, label_key, flip_seed,
+                                                                                   local, p, count)
+    else:
+      reader = _BatchReader(sources, {"label": label_key}, flip_seed, local, p, count)
     ids = _StreamIds([len(s) for s in sources], weights, seed)
 
     def make(k: int) -> dict[str, jax.Array]:

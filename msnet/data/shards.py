@@ -362,18 +362,24 @@ class ShardSource:
       start, k = end, k + 1
     return out
 
-  def read_arrays(self, start: int = 0, stop: int | None = None,
-                  fields: Sequence[str] = ARRAY_FIELDS) -> dict[str, np.ndarray]:
+  def read_arrays(self, start: int = 0, stop: int | None = None, fields: Sequence[str] = ARRAY_FIELDS,
+                  out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Records [start, stop) as arrays: {"image": uint8 [N,H,W,3], field: int32 [N]}, read by `read_threads()`
-    threads in chunks straight into the output (for putting a spec's records on the devices)."""
+    threads in chunks straight into the output (for putting a spec's records on the devices or in host
+    memory). `out` (those arrays, e.g. slices of one array over several specs) saves a concatenation's copy."""
     stop = len(self) if stop is None else stop
     if not 0 <= start <= stop <= len(self):
       raise IndexError(f"records [{start}, {stop}) out of range for {len(self)} records")
     if start == stop:
       return {"image": np.zeros((0, 0, 0, 3), np.uint8), **{k: np.zeros(0, np.int32) for k in fields}}
-    first = decode_record(self.read(start))["image"]
-    out = {"image": np.empty((stop - start, *first.shape), np.uint8),
-           **{k: np.empty(stop - start, np.int32) for k in fields}}
+    shape = (stop - start, *decode_record(self.read(start))["image"].shape)
+    if out is None:
+      out = {"image": np.empty(shape, np.uint8), **{k: np.empty(stop - start, np.int32) for k in fields}}
+    want = {"image": (shape, np.uint8), **{k: ((stop - start,), np.int32) for k in fields}}
+    if bad := [k for k, v in want.items()
+               if k not in out or (out[k].shape, out[k].dtype) != v or not out[k].flags.c_contiguous]:
+      raise ValueError(f"read_arrays out: {bad} must be C-contiguous arrays of shape and dtype "
+                       f"{[(want[k][0], np.dtype(want[k][1]).name) for k in bad]}")
 
     def chunk(a: int) -> None:
       b = min(a + _CHUNK, stop)
