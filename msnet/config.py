@@ -318,6 +318,7 @@ def _check(cond: bool, field: str, message: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Refuse impossible values before any work starts, naming the field."""
   from msnet import degradations  # spec parsing is the degradation library's job
+  from msnet.models import registry  # what each arch accepts
 
   _check(c.data.source in ("embedded_cifar10", "folder", "tfds"), "data.source",
          f"{c.data.source!r} is not one of 'embedded_cifar10', 'folder', 'tfds'")
@@ -383,15 +384,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "'calibrate' from config.extensions")
   _check(c.stages.calibrate.ece_bins >= 1, "stages.calibrate.ece_bins", "must be >= 1")
 
-  _check(c.model.arch in ("vgg16", "alexnet"), "model.arch", f"{c.model.arch!r} is not 'vgg16' or 'alexnet'")
-  _check(c.model.variant in ("cifar", "imagenet"), "model.variant", "must be 'cifar' or 'imagenet'")
+  _check(c.model.arch in registry.ARCHS, "model.arch", f"{c.model.arch!r} is not one of {sorted(registry.ARCHS)}")
+  arch = registry.get(c.model.arch)
+  _check(c.model.variant in arch.variants, "model.variant", f"{c.model.arch} takes {' or '.join(arch.variants)}, "
+         f"got {c.model.variant!r}")
   _check(c.model.width > 0, "model.width", f"must be > 0, got {c.model.width}")
-  _check(c.model.norm in ("none", "group"), "model.norm", "must be 'none' or 'group'")
+  _check(c.model.norm in arch.norms, "model.norm", f"{c.model.arch} takes {' or '.join(arch.norms)}, "
+         f"got {c.model.norm!r}")
   _check(c.model.input_norm in ("standard", "caffe", "torch"), "model.input_norm",
          "must be 'standard', 'caffe' or 'torch'")
-  _check(1 <= c.model.trunk_layers <= 13, "model.trunk_layers",
-         f"must be in [1, 13] (VGG-16 conv layers conv1_1..conv5_3), got {c.model.trunk_layers}")
+  cuts = registry.cut_layers(arch.table(c.model, int(c.data.num_classes)))
+  _check(1 <= c.model.trunk_layers <= len(cuts), "model.trunk_layers",
+         f"must be in [1, {len(cuts)}] ({c.model.arch} {arch.unit}), got {c.model.trunk_layers}")
   _check(0.0 <= c.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+  _check(arch.dropout or c.model.dropout == 0, "model.dropout", f"{c.model.arch} has no dropout layer: set 0")
+  for m in c.comparisons:
+    _check(not m.startswith("da_") or m in arch.da_layers, "comparisons",
+           f"{m!r} fine-tunes layers {c.model.arch} does not have; its DA stages are {sorted(arch.da_layers)}")
   _check(c.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "must be float32 or bfloat16")
   _check(len(c.master.conv_features) == 3, "master.conv_features", "the master has exactly 3 conv layers")
   _check(len(c.master.fc_features) == 2, "master.fc_features",

@@ -45,11 +45,12 @@ def check_study(config: ml_collections.ConfigDict) -> None:
                                  "configs/depth_study.py")
   s = config.study
   depths = list(s.trunk_layers)
-  convs = sum(spec.kind == "conv" for spec in models.model_table(config.model, int(config.data.num_classes)))
+  cuts = len(models.registry.cut_layers(models.model_table(config.model, int(config.data.num_classes))))
+  unit = models.registry.get(config.model.arch).unit
   _require(bool(depths) and len(set(depths)) == len(depths), "study.trunk_layers",
            f"needs distinct depths, got {tuple(depths)}")
   for d in depths:
-    _require(1 <= d <= convs, "study.trunk_layers", f"{d} is not in [1, {convs}] ({config.model.arch} conv layers)")
+    _require(1 <= d <= cuts, "study.trunk_layers", f"{d} is not in [1, {cuts}] ({config.model.arch} {unit})")
   evaluated = {str(degradations.parse(x)) for name in config.evaluate.sweeps for x in config.sweeps[name]}
   for field in ("specs", "clean", "degraded"):
     for spec in ((s[field],) if isinstance(s[field], str) else s[field]):
@@ -178,7 +179,7 @@ def depth_figure(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], 
   ax.legend()
   for a in fig.axes:
     a.set_xticks(depths)
-    a.set_xlabel("model.trunk_layers (conv layers in the shared trunk)")
+    a.set_xlabel(f"model.trunk_layers ({models.registry.get(config.model.arch).unit} in the shared trunk)")
     a.grid(alpha=0.3)
   fig.suptitle("Where the trunk ends: robustness against the cost of a branch")
   fig.tight_layout()

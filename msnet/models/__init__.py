@@ -1,6 +1,7 @@
-"""Models: the slave (shared trunk + vmapped branches) over VGG-16 / AlexNet tables, the master, the fast
-CPU conv, pretrained VGG-16 import, and analytic FLOPs / receptive fields."""
+"""Models: the slave (shared trunk + vmapped branches) over VGG-16 / AlexNet / ResNet tables (the arch registry),
+the master, the fast CPU conv, pretrained VGG-16 import, and analytic FLOPs / receptive fields."""
 
+from msnet.models import registry
 from msnet.models.analysis import flops_per_image, layer_flops, receptive_fields
 from msnet.models.layers import (CPU_POLICY, XLA_POLICY, Conv, ConvPolicy, LayerSpec, compiler_options, conv2d,
                                  normalize_input)
@@ -12,5 +13,6 @@ from msnet.models.slave import (Slave, build_slave, model_table, move_to_trunk, 
 __all__ = [
     "CPU_POLICY", "Conv", "ConvPolicy", "LayerSpec", "Master", "Slave", "XLA_POLICY", "build_master",
     "build_slave", "compiler_options", "conv2d", "flops_per_image", "layer_flops", "load_pretrained_vgg16", "model_table",
-    "move_to_trunk", "normalize_input", "receptive_fields", "resplit_params", "tile_branches", "trunk_weight_layers",
+    "move_to_trunk", "normalize_input", "receptive_fields", "registry", "resplit_params", "tile_branches",
+    "trunk_weight_layers",
 ]

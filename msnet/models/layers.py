@@ -355,17 +355,19 @@ def apply_table(layers: tuple[LayerSpec, ...], x: Array, train: bool, *, norm: s
 
 
 class Stack(nn.Module):
-  """A slice of a layer table as one module (the slave's trunk, or one branch under nn.vmap)."""
+  """A slice of a layer table as one module (the slave's trunk, or one branch under nn.vmap), run by `run`:
+  `apply_table` for VGG/AlexNet tables, the arch's own runner otherwise (msnet.models.registry)."""
   layers: tuple[LayerSpec, ...]
   norm: str = "none"
   dropout: float = 0.0
   dtype: Any = jnp.float32
   policy: ConvPolicy | None = None
+  run: Callable[..., Array] = apply_table
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    return apply_table(self.layers, x, train, norm=self.norm, dropout=self.dropout, dtype=self.dtype,
-                       policy=self.policy)
+    return self.run(self.layers, x, train, norm=self.norm, dropout=self.dropout, dtype=self.dtype,
+                    policy=self.policy)
 
 
 def scaled(channels: int, width: float) -> int:

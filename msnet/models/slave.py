@@ -2,6 +2,8 @@
 
 Param tree: {"trunk": {"conv1_1": {"kernel", "bias"}, ...}, "branches": {"conv5_1": ..., "fc6", "fc7", "fc8"}}
 (plus "<conv>_norm" {"scale", "bias"} with norm="group"); every leaf under "branches" has a leading axis K.
+A ResNet's groups are its rows ("stem", "block2_1": {"conv1", "norm1", ...}, "fc_norm", "fc"), so the cut
+moves whole residual blocks. The arch's table and runner come from `registry`.
 All K branches run on the same trunk features in one vmapped computation and return logits [K, B, C].
 The baseline network is the slave with K=1; `tile_branches` copies its branch K times so every branch
 starts from the baseline. Trunk and branches are one network cut at `trunk_layers`, so `resplit_params` moves
@@ -10,7 +12,7 @@ the cut (a relabelling of params: same logits), and one trained baseline serves 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -19,9 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from msnet.models.alexnet import alexnet_table
-from msnet.models.layers import ConvPolicy, LayerSpec, Stack, normalize_input
-from msnet.models.vgg import vgg16_table
+from msnet.models import registry
+from msnet.models.layers import ConvPolicy, LayerSpec, Stack, apply_table, normalize_input
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -29,20 +30,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def model_table(model_cfg: ml_collections.ConfigDict, num_classes: int) -> tuple[LayerSpec, ...]:
   """The layer table of `model_cfg.arch`/`variant` at the configured widths."""
-  if model_cfg.arch == "vgg16":
-    return vgg16_table(num_classes, model_cfg.width, model_cfg.fc_width)
-  if model_cfg.arch == "alexnet":
-    return alexnet_table(model_cfg.variant, num_classes, model_cfg.width, model_cfg.fc_width)
-  raise ValueError(f"model.arch {model_cfg.arch!r} is not 'vgg16' or 'alexnet'")
+  return registry.get(model_cfg.arch).table(model_cfg, num_classes)
 
 
 def trunk_size(table: tuple[LayerSpec, ...], trunk_layers: int) -> int:
-  """Rows of `table` in the trunk: up to the trunk_layers-th conv and the pools right after it."""
-  convs = [i for i, s in enumerate(table) if s.kind == "conv"]
-  if not 1 <= trunk_layers <= len(convs):
-    raise ValueError(f"model.trunk_layers={trunk_layers}: must be in [1, {len(convs)}], the number of conv "
-                     f"layers ({', '.join(table[i].name for i in convs)})")
-  n = convs[trunk_layers - 1] + 1
+  """Rows of `table` in the trunk: up to the trunk_layers-th cut row (a conv layer of VGG/AlexNet, a residual
+  block of a ResNet: `registry.CUT_KINDS`) and the pools right after it."""
+  cuts = [i for i, s in enumerate(table) if s.kind in registry.CUT_KINDS]
+  if not 1 <= trunk_layers <= len(cuts):
+    kinds = "residual blocks" if table[cuts[0]].kind != "conv" else "conv layers"
+    raise ValueError(f"model.trunk_layers={trunk_layers}: must be in [1, {len(cuts)}], the number of {kinds} "
+                     f"({', '.join(table[i].name for i in cuts)})")
+  n = cuts[trunk_layers - 1] + 1
   while n < len(table) and table[n].kind == "pool":
     n += 1
   return n
@@ -58,9 +57,10 @@ class Slave(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   policy: ConvPolicy | None = None
+  run: Callable[..., Array] = apply_table  # the arch's table runner (registry.Arch.run)
 
   def setup(self):
-    kw = dict(norm=self.norm, dropout=self.dropout, dtype=self.dtype, policy=self.policy)
+    kw = dict(norm=self.norm, dropout=self.dropout, dtype=self.dtype, policy=self.policy, run=self.run)
     self.trunk = Stack(self.table[:self.trunk_size], **kw)
     branch = nn.vmap(Stack, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(None, None), out_axes=0, axis_size=self.num_branches)
@@ -86,7 +86,7 @@ def build_slave(model_cfg: ml_collections.ConfigDict, num_classes: int, num_bran
   table = model_table(model_cfg, num_classes)
   return Slave(table=table, trunk_size=trunk_size(table, model_cfg.trunk_layers), num_branches=num_branches,
                norm=model_cfg.norm, input_norm=model_cfg.input_norm, dropout=model_cfg.dropout,
-               dtype=DTYPES[model_cfg.compute_dtype], policy=policy)
+               dtype=DTYPES[model_cfg.compute_dtype], policy=policy, run=registry.get(model_cfg.arch).run)
 
 
 def tile_branches(params: Mapping[str, Any], k: int) -> dict[str, Any]:
@@ -106,7 +106,7 @@ def tile_branches(params: Mapping[str, Any], k: int) -> dict[str, Any]:
 
 
 def trunk_weight_layers(table: tuple[LayerSpec, ...], trunk_layers: int) -> list[str]:
-  """Names of the weight layers (convs, and fcs for AlexNet-like tables) in the trunk at `trunk_layers`."""
+  """Names of the weight layers (convs; a ResNet's stem and blocks) in the trunk at `trunk_layers`."""
   return [s.name for s in table[:trunk_size(table, trunk_layers)] if s.kind != "pool"]
 
 

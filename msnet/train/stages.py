@@ -9,7 +9,8 @@
   gate              (config.extensions) the learned gate: the master's network, from the trained master,
                     trained with the branches frozen to minimise the NLL of the gated mixture of the
                     branches' probabilities, on the master's data (every bin's specs, bins equally weighted).
-  da_fc8/67/678     from the baseline, only fc8 / fc6+fc7 / fc6+fc7+fc8 train, on clean + every bin's specs.
+  da_fc8/67/678     from the baseline, only fc8 / fc6+fc7 / fc6+fc7+fc8 train, on clean + every bin's specs
+                    (the layers come from the arch's registry entry).
   stability         from the baseline, everything trains, clean data, CE + alpha * KL(clean || noisy).
   alexnet_baseline  AlexNet (config.alexnet_model) from scratch on clean data, for the VGG-vs-AlexNet figure.
   deepcloak         no gradient step: ranks trunk-output channels by their mean |f(clean) - f(degraded)|
@@ -43,11 +44,7 @@ from msnet import config as config_lib, errors, models
 from msnet.data import shards
 from msnet.train import loop, step as step_lib
 
-DA_TRAINABLE = {
-    "da_fc8": ("branches/fc8/.*",),
-    "da_fc67": ("branches/fc6/.*", "branches/fc7/.*"),
-    "da_fc678": ("branches/fc6/.*", "branches/fc7/.*", "branches/fc8/.*"),
-}
+DA_STAGES = ("da_fc8", "da_fc67", "da_fc678")  # which layers each trains: the arch's registry entry
 FEATURE_MASK = "feature_mask.npy"
 SHARED_TRUNK = "trunk"  # DONE.json of a shared baseline: the weight layers its trunk holds in this workdir
 
@@ -221,11 +218,15 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
     s = config.stages.branch
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or list(b.train_specs),
                     init_params=_from_baseline(workdir, stage, config), trainable=("branches/.*",), eval_specs=clean)
-  if stage in DA_TRAINABLE:
+  if stage in DA_STAGES:
     s = config.stages[stage]
+    da_layers = models.registry.get(config.model.arch).da_layers
+    if stage not in da_layers:
+      raise errors.InvalidInputError(f"stage {stage!r}: {config.model.arch} has no such layers; its DA stages are "
+                                     f"{sorted(da_layers)}")
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or every_bin,
-                    init_params=_from_baseline(workdir, stage, config), trainable=DA_TRAINABLE[stage],
-                    eval_specs=clean)
+                    init_params=_from_baseline(workdir, stage, config),
+                    trainable=tuple(f"branches/{layer}/.*" for layer in da_layers[stage]), eval_specs=clean)
   if stage == "alexnet_baseline":
     alexnet = models.build_slave(config_lib.alexnet_model(config), int(config.data.num_classes), 1)
     s = config.stages.alexnet_baseline
