@@ -4,11 +4,16 @@ r"""Throughput of the offline degrade job and of the loaders, on the embedded CI
   python benchmarks/bench_loader.py --images=100 --skip-degrade
   python benchmarks/bench_loader.py --skip-degrade --skip-loaders   # the host path before / after only
 
-Host path before / after (`--host-images`, `--host-steps`): images/s that `TrainLoader` (threads, flips on)
-delivers as device arrays (`block_until_ready`), at 32x32 (CIFAR-10 training images) and at 224x224 (the same
-images upscaled, bilinear), by this checkout and by the loader of commit BEFORE (format-1 shards with a JSON
-header per record, Grain's per-element pipeline, 2 read threads), extracted with `git archive` and run in a
-subprocess on the same images, in the same run.
+Host path before / after (`--host-images`, `--host-seconds`, `--host-rounds`): images/s that `TrainLoader`
+(threads, flips on) delivers as device arrays (`block_until_ready`), at 32x32 (CIFAR-10 training images) and at
+224x224 (the same images upscaled, bilinear), by the loader of commit BEFORE (format-1 shards with a JSON header
+per record, Grain's per-element pipeline, 2 read threads), extracted with `git archive`, and by this checkout
+on both of its host paths: `train.host_cache="off"` (every batch read from the shards, as data over the
+host-memory budget, 224x224 ImageNet, is) and "on" (the records read once into host memory, each batch
+gathered there). Each in its own subprocess on the same images, the three alternated for `--host-rounds`
+rounds in the same run (the machine's other load drifts), each timed over at least `--host-seconds` after 3
+warm-up batches; the rows give the median round and every round. `open_s`: from opening the loader to its
+first batch on the devices (the cache's bulk read included).
 
 Degrade: `run_degrade` over the demo config's train and eval specs for `--images` images of each split,
 with 1 and 2 worker processes, beside a plain single-process loop doing the same degradations (source
@@ -46,31 +51,41 @@ from common import write_results  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BEFORE = "8604086"  # the last commit with record format 1 and the Grain per-element loader
 
-# Run by this checkout and by BEFORE's: clean shards of the images in IMAGES, then TrainLoader's steady rate.
+# Run by this checkout and by BEFORE's: clean shards of the images (once per workdir), then TrainLoader's steady
+# rate; host_cache "-" calls BEFORE's TrainLoader, which has no such argument.
 _HOST_PATH = textwrap.dedent("""
     import json, sys, time
     import jax, numpy as np
     from msnet import parallel
     from msnet.data import loader, shards
-    images, labels = np.load(sys.argv[1]), np.load(sys.argv[2])
-    workdir, batch, steps = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    workdir, batch, seconds, cache = sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
     d = shards.spec_dir(workdir, "train", "clean")
-    d.mkdir(parents=True, exist_ok=True)
-    k = 4
-    for s in range(k):
-      ids = range(s * len(images) // k, (s + 1) * len(images) // k)
-      shards.write_shard(d / shards.shard_name(s, k), (shards.encode_record(images[i], dict(
-          label=int(labels[i]), spec="clean", bin=0, bitstream_bin=0, index=i, psnr=float("inf"), bpp=None,
-          jpeg_quality=-1, ratio=None, codec=None)) for i in ids))
+    if not d.exists():
+      images, labels = np.load(sys.argv[1]), np.load(sys.argv[2])
+      d.mkdir(parents=True)
+      k = 4
+      for s in range(k):
+        ids = range(s * len(images) // k, (s + 1) * len(images) // k)
+        shards.write_shard(d / shards.shard_name(s, k), (shards.encode_record(images[i], dict(
+            label=int(labels[i]), spec="clean", bin=0, bitstream_bin=0, index=i, psnr=float("inf"), bpp=None,
+            jpeg_quality=-1, ratio=None, codec=None)) for i in ids))
     mesh = parallel.make_mesh([("data", -1)])
-    it = loader.TrainLoader(workdir, "train", ["clean"], None, batch, 0, mesh, True, 0)
-    for _ in range(3):
-      jax.block_until_ready(next(it))
     start = time.perf_counter()
-    for _ in range(steps):
+    kw = {} if cache == "-" else {"host_cache": cache}
+    it = loader.TrainLoader(workdir, "train", ["clean"], None, batch, 0, mesh, True, 0, **kw)
+    jax.block_until_ready(next(it))
+    open_s = time.perf_counter() - start
+    for _ in range(2):
       jax.block_until_ready(next(it))
-    print(json.dumps({"img_per_s": steps * batch / (time.perf_counter() - start), "devices": jax.device_count()}))
+    steps, start = 0, time.perf_counter()
+    while steps < 10 or time.perf_counter() - start < seconds:
+      jax.block_until_ready(next(it))
+      steps += 1
+    print(json.dumps({"img_per_s": steps * batch / (time.perf_counter() - start), "steps": steps, "open_s": open_s,
+                      "cached": getattr(it, "cached", None), "devices": jax.device_count()}))
 """)
+# The loaders the host path compares: (name, source tree (None: this checkout), train.host_cache).
+_HOST_VARIANTS = (("before", "before", "-"), ("after_streamed", None, "off"), ("after_cached", None, "on"))
 
 
 def demo_config():
@@ -194,7 +209,7 @@ def bench_loaders(images: int, root: pathlib.Path, batch: int, steps: int) -> di
           "eval_batches_img_per_s": n / seconds}
 
 
-def bench_host_path(images: int, batch: int, steps: int, root: pathlib.Path) -> dict:
+def bench_host_path(images: int, batch: int, seconds: float, rounds: int, root: pathlib.Path) -> dict:
   from msnet import config as config_lib
   from msnet.data import sources
 
@@ -205,32 +220,43 @@ def bench_host_path(images: int, batch: int, steps: int, root: pathlib.Path) -> 
   src = sources.open_source(config_lib.base_config().data, "train")
   small = np.stack([src[i]["image"] for i in range(images)])
   labels = np.array([src[i]["label"] for i in range(images)], np.int32)
-  rows = []
-  print(f"host path: TrainLoader (flips on, 0 Grain workers), batch {batch}, {steps} steps after 3 warm-up, "
-        f"{images} records in 4 shards; before = commit {BEFORE}")
+  rows, load = [], os.getloadavg()[0]
+  print(f"host path: TrainLoader (flips on, 0 Grain workers), batch {batch}, >= {seconds} s after 3 warm-up "
+        f"batches, {images} records in 4 shards, {rounds} alternated rounds; before = commit {BEFORE}")
   for size in (32, 224):
     data = small if size == 32 else np.stack(
         [np.asarray(PIL.Image.fromarray(x).resize((size, size), PIL.Image.Resampling.BILINEAR)) for x in small])
     np.save(root / "images.npy", data)
     np.save(root / "labels.npy", labels)
-    rates = {}
-    for name, path in (("before", old), ("after", REPO)):
-      workdir = root / f"host-{name}-{size}"
-      env = {**os.environ, "PYTHONPATH": str(path)}
-      out = subprocess.run([sys.executable, "-c", _HOST_PATH, str(root / "images.npy"), str(root / "labels.npy"),
-                            str(workdir), str(batch), str(steps)], check=True, capture_output=True, text=True,
-                           env=env, cwd=str(root))
-      rates[name] = json.loads(out.stdout.strip().splitlines()[-1])["img_per_s"]
-      shutil.rmtree(workdir)
-    rows.append({"size": size, "before_img_per_s": rates["before"], "after_img_per_s": rates["after"],
-                 "speedup": rates["after"] / rates["before"]})
-  print(f"  {'size':>7}  {'before img/s':>12}  {'after img/s':>12}  {'speedup':>7}")
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in _HOST_VARIANTS}
+    for _ in range(rounds):
+      for name, tree, cache in _HOST_VARIANTS:
+        env = {**os.environ, "PYTHONPATH": str(old if tree else REPO)}
+        workdir = root / f"host-{tree or 'after'}-{size}"  # shards written by the first run of each tree
+        out = subprocess.run([sys.executable, "-c", _HOST_PATH, str(root / "images.npy"), str(root / "labels.npy"),
+                              str(workdir), str(batch), str(seconds), cache], check=True, capture_output=True,
+                             text=True, env=env, cwd=str(root))
+        runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for name, tree, _ in _HOST_VARIANTS:
+      shutil.rmtree(root / f"host-{tree or 'after'}-{size}", ignore_errors=True)
+    row = {"size": size}
+    for name, got in runs.items():
+      rates = [r["img_per_s"] for r in got]
+      row[name] = {"img_per_s": float(np.median(rates)), "rounds_img_per_s": rates,
+                   "open_s": float(np.median([r["open_s"] for r in got])), "cached": got[0]["cached"]}
+    for name in ("after_streamed", "after_cached"):
+      row[f"{name}_speedup"] = row[name]["img_per_s"] / row["before"]["img_per_s"]
+    rows.append(row)
+  print(f"  {'size':>7}  {'before img/s':>12}  {'streamed img/s':>14}  {'cached img/s':>12}  "
+        f"{'streamed':>8}  {'cached':>7}  {'cache open s':>12}")
   for r in rows:
-    print(f"  {r['size']:>3}x{r['size']:<3}  {r['before_img_per_s']:12.0f}  {r['after_img_per_s']:12.0f}  "
-          f"{r['speedup']:6.1f}x")
+    print(f"  {r['size']:>3}x{r['size']:<3}  {r['before']['img_per_s']:12.0f}  "
+          f"{r['after_streamed']['img_per_s']:14.0f}  {r['after_cached']['img_per_s']:12.0f}  "
+          f"{r['after_streamed_speedup']:7.1f}x  {r['after_cached_speedup']:6.1f}x  {r['after_cached']['open_s']:12.2f}")
   from msnet.data import shards
-  return {"before_commit": BEFORE, "records": images, "global_batch": batch, "steps": steps,
-          "read_threads": shards.read_threads(), "rows": rows}
+  return {"before_commit": BEFORE, "records": images, "global_batch": batch, "min_seconds": seconds,
+          "rounds": rounds, "read_threads": shards.read_threads(), "load_average_1m": [load, os.getloadavg()[0]],
+          "rows": rows}
 
 
 def main() -> None:
@@ -242,7 +268,8 @@ def main() -> None:
   p.add_argument("--skip-degrade", action="store_true")
   p.add_argument("--skip-loaders", action="store_true")
   p.add_argument("--host-images", type=int, default=2048, help="records of the host-path benchmark")
-  p.add_argument("--host-steps", type=int, default=40, help="steps timed per loader and size")
+  p.add_argument("--host-seconds", type=float, default=2.0, help="least seconds timed per loader, size and round")
+  p.add_argument("--host-rounds", type=int, default=2, help="alternated rounds of the host-path loaders")
   p.add_argument("--out", default=str(REPO / "benchmarks/results/loader.json"))
   args = p.parse_args()
   root = pathlib.Path(tempfile.mkdtemp(prefix="msnet-bench-"))
@@ -252,7 +279,7 @@ def main() -> None:
       results["degrade"] = bench_degrade(args.images, root)
     if not args.skip_loaders:
       results["loaders"] = bench_loaders(args.loader_images, root, args.batch, args.steps)
-    results["host_path"] = bench_host_path(args.host_images, args.batch, args.host_steps, root)
+    results["host_path"] = bench_host_path(args.host_images, args.batch, args.host_seconds, args.host_rounds, root)
   finally:
     shutil.rmtree(root, ignore_errors=True)
   write_results(args.out, results)

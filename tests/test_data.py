@@ -573,8 +573,9 @@ def test_host_cache_reader_matches_the_shard_reader_per_process(shard_workdir):
 def test_host_cache_budget(shard_workdir, monkeypatch):
   assert 0 < loader.available_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   src = [shards.open_shards(shards.spec_dir(shard_workdir, "train", s)) for s in ("clean", "jpeg:10")]
-  nbytes = loader.record_bytes(src)
-  assert nbytes == (64 + 48) * (IMAGE * IMAGE * 3 + 4)
+  assert loader.cache_bytes(src, False) == (64 + 48) * (IMAGE * IMAGE * 3 + 4)
+  nbytes = loader.cache_bytes(src, True)
+  assert nbytes == (64 + 48) * (2 * IMAGE * IMAGE * 3 + 4)  # with flips, a mirrored copy of every image
   assert loader.use_host_cache("on", 10**15) and not loader.use_host_cache("off", 0)
   assert loader.use_host_cache(str(nbytes), nbytes) and not loader.use_host_cache(nbytes - 1, nbytes)
   monkeypatch.setattr(loader, "available_memory", lambda: 4 * nbytes)
@@ -599,6 +600,8 @@ def test_read_arrays_into_given_arrays(shard_workdir):
     src.read_arrays(0, 8, ["label"], out={"image": images[0:16:2], "label": labels[:8]})
   with pytest.raises(ValueError, match=r"\['label'\]"):
     src.read_arrays(0, 8, ["label"], out={"image": images[:8], "label": labels[:8].astype(np.int64)})
+  with pytest.raises(ValueError, match=r"decode_batch out: .* of shape \(2, 8, 8, 3\)"):
+    shards.decode_batch(src.read_batch([0, 1]), ["label"], out=images[:3])
 
 
 def test_host_cache_config_field():

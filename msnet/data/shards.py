@@ -167,6 +167,9 @@ def decode_batch(records: Sequence[bytes], keys: Sequence[str], flip: np.ndarray
     j = int(np.argmax(odd))
     raise ValueError(f"record {j} of the batch is {headers['h'][j]}x{headers['w'][j]}, the first {h}x{w}: "
                      "one batch holds one image size")
+  if out is not None and (out.shape, out.dtype, out.flags.c_contiguous) != ((len(records), h, w, 3), np.uint8, True):
+    raise ValueError(f"decode_batch out: a C-contiguous uint8 array of shape {(len(records), h, w, 3)} for these "
+                     f"records, got {out.dtype} {out.shape}")
   images = np.empty((len(records), h, w, 3), np.uint8) if out is None else out
   flat = images.reshape(len(records), h * w * 3)
   pixels = images.view(np.dtype("V3")).reshape(len(records), h, w)  # one item per RGB pixel: mirrors whole pixels
