@@ -162,7 +162,8 @@ def _loader_and_feed(config: ml_collections.ConfigDict, workdir: Any, job: Job, 
     repl = parallel.replicated(mesh)
     return loader, step_lib.Feed(loader.batch, repl, repl, repl, data=loader.data), "device"
   loader = loader_lib.TrainLoader(workdir, split, specs, weights, gb, config.seed, mesh, bool(config.train.hflip),
-                                  int(config.train.num_workers), label_key=job.label_key)
+                                  int(config.train.num_workers), label_key=job.label_key,
+                                  host_cache=config.train.host_cache)
   return loader, step_lib.host_feed(mesh), "host"
 
 
