@@ -43,7 +43,7 @@ from absl import app, flags, logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
-from msnet import config as config_lib, errors
+from msnet import config as config_lib, errors, methods
 
 SUBCOMMANDS = ("degrade", "show", "train", "evaluate", "report", "run", "demo", "study", "predict", "export")
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -65,10 +65,11 @@ _MERGE = flags.DEFINE_bool("merge", False, "degrade: only check every part's sha
 _N = flags.DEFINE_integer("n", 16, "show: number of examples.")
 _OUT = flags.DEFINE_string("out", None, "show: output PNG path (default: W/show-<spec>.png); export: the output "
                            "directory.")
-_RULE = flags.DEFINE_string("rule", "ms", "predict, export: the decision rule or single network (ms, ams, map, "
-                            "bitstream, hybrid, oracle (export only), branch_<bin>, baseline, da_fc8, stability, "
-                            "...; with the calibrate stage ams_cal, map_cal, branch_<bin>_cal; with the gate "
-                            "stage gate).")
+_RULE = flags.DEFINE_string(
+    "rule", "ms", "predict, export: the decision rule or single network whose stages are trained: "
+    f"{', '.join(methods.names(methods.RULE, methods.NETWORK))} (msnet.methods; rules routed by the true bin, "
+    f"{', '.join(methods.names(bins='true'))}, export only), branch_<bin>, and with the calibrate stage "
+    "branch_<bin>_cal.")
 _TOP = flags.DEFINE_integer("top", 5, "predict: the N most probable classes of each file.")
 _JSON = flags.DEFINE_bool("json", False, "predict: one JSON object per file instead of a text line.")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "export: the platforms the artifact runs on, e.g. cpu,cuda,tpu "

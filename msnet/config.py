@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from msnet import errors
+from msnet import errors, methods
 
 # The stages `msnet train` knows, in pipeline order. Branch stages are named `branch_<bin name>`.
 GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "gate", "da_fc8", "da_fc67", "da_fc678", "stability",
@@ -22,8 +22,6 @@ GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "gate", "da_fc8", "da_
 COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline")
 # Stages beyond the paper, trained after the master when listed in config.extensions.
 EXTENSION_STAGES = ("calibrate", "gate")
-# Evaluated methods that need an extension stage: the calibrated rules and the learned gate.
-EXTENSION_METHODS = {"ams_cal": "calibrate", "map_cal": "calibrate", "gate": "gate"}
 # The JPEG part of the transcode sweep (the JPEG 2000 part depends on the image size: `cifar_jp2k`).
 TRANSCODE_JPEG_SPECS = ("jpeg:10", "jpeg:90", "jpeg:10+jpeg:90", "jpeg:5+jpeg:75", "jpeg:90+jpeg:10",
                         "jpeg:10+resize:0.5+jpeg:75")
@@ -371,10 +369,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _spec_ok(degradations, s, f"sweeps.{name}")
   for name in c.evaluate.sweeps:
     _check(name in c.sweeps, "evaluate.sweeps", f"{name!r} is not a sweep in config.sweeps {list(c.sweeps)}")
-  known_methods = {"baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid", "comparisons",
-                   *COMPARISON_STAGES, *EXTENSION_METHODS}
+  known_methods = sorted({*methods.names(), "comparisons"})  # the table's methods, and config.comparisons
   for m in c.evaluate.methods:
-    _check(m in known_methods, "evaluate.methods", f"{m!r} is not one of {sorted(known_methods)}")
+    _check(m in known_methods, "evaluate.methods", methods.unknown(m, known_methods))
   for m in c.comparisons:
     _check(m in COMPARISON_STAGES, "comparisons", f"{m!r} is not one of {list(COMPARISON_STAGES)}")
   for m in c.extensions:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import msnet
-from msnet import errors, files, models, predict
+from msnet import errors, models, predict
 
 ARTIFACT = "model.jaxexport"
 META = "export.json"
@@ -48,11 +48,12 @@ def export(workdir: Any, rule: str, out: Any, platforms: Sequence[str] | None = 
   predictor.check_rule(rule)
   config = predictor.config
   host = jax.device_get(predictor.params(rule))
-  fn = predict.rule_functions(config, policy=models.XLA_POLICY)[rule].fn
+  spec = predict.rule_functions(config, policy=models.XLA_POLICY)[rule]
+  fn = spec.fn
   size = predictor.image_size
   (b,) = jax.export.symbolic_shape("b")
   args = [jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8)]
-  with_bins = rule in predict.BIN_RULES
+  with_bins = spec.bins is not None
   if with_bins:
     args.append(jax.ShapeDtypeStruct((b,), jnp.int32))
 
@@ -75,7 +76,7 @@ def export(workdir: Any, rule: str, out: Any, platforms: Sequence[str] | None = 
   if with_bins:
     inputs["bins"] = {"shape": ["b"], "dtype": "int32", "values": "the bin index of each image in bin_names: the "
                       + ("bin read from its bitstream (msnet.files.read_image, degradations.bin_of_bitstream)"
-                         if rule in files.BITSTREAM_RULES else "true bin")}
+                         if spec.bins == "bitstream" else "true bin")}
   meta = {"rule": rule, "artifact": ARTIFACT, "class_names": predictor.class_names, "bin_names": predictor.bin_names,
           "input_size": size, "inputs": inputs,
           "output": {"probs": {"shape": ["b", int(config.data.num_classes)], "dtype": "float32"}},

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import tqdm
 
-from msnet import degradations, errors
+from msnet import degradations, errors, methods
 from msnet.data import reader
 from msnet.data.reader import ImageFile, read_image
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the predictor imports JAX; reading files does not need it
   from msnet.predict import Predictor
 
 SKIPPED_EXIT_CODE = 3  # `msnet predict` classified the readable files but skipped some
-BITSTREAM_RULES = ("bitstream", "hybrid")  # the rules whose bins are read from each file's bitstream
+BITSTREAM_RULES = methods.names(bins="bitstream")  # the rules whose bins are read from each file's bitstream
 
 
 def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[pathlib.Path]:
@@ -65,8 +65,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike[str]],
   """Classify every image file under `paths` with `rule`, one line per file on `out`; returns how many files
   were skipped (each named on `err`). UserError when no file could be read at all. `max_pixels` (default the
   workdir config's data.max_pixels) refuses files whose header claims more pixels, before decoding."""
-  if rule == "oracle":
-    raise errors.InvalidInputError("rule 'oracle' routes by each image's true bin, which a file does not carry; use "
+  if rule in methods.names(bins="true"):
+    raise errors.InvalidInputError(f"rule {rule!r} routes by each image's true bin, which a file does not carry; use "
                                    "--rule=bitstream (the bin read from the file) or --rule=ms")
   predictor.params(rule)  # an unknown rule or a missing stage is refused before any file is read
   if top < 1:
@@ -98,8 +98,11 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike[str]],
             if rule in BITSTREAM_RULES else None)
     result = predictor.predict(np.stack(shaped), rule=rule, top_k=top, bins=bins)
     for i, f in enumerate(good):
-      source = (f.source if rule == "bitstream" or (rule == "hybrid" and bins[i] != 0)
-                else ("gate" if rule == "gate" else "master") if result["bin_probs"] is not None else "-")
+      # The file's bitstream routed it when the rule reads no bin network (bitstream) or the bitstream names a
+      # degradation bin (hybrid); otherwise the bin network whose softmax the rule reports, if any.
+      source = (f.source if bins is not None and (result["bin_probs"] is None or bins[i] != 0)
+                else ("gate" if "gate" in methods.get(rule).parts else "master") if result["bin_probs"] is not None
+                else "-")
       record = _record(predictor, f, result, i, source)
       print(json.dumps(record) if as_json else _line(record), file=out, flush=True)
     done += len(good)

@@ -3,9 +3,10 @@
 A rule is a way to get class probabilities from the workdir's trained networks: every decision rule that
 `msnet evaluate` reports (ms, ams, map, oracle, bitstream, hybrid, branch_<bin>; beyond the paper ams_cal, map_cal,
 branch_<bin>_cal with the calibrate stage's temperatures and gate with the learned gate) and every single network
-whose stage was trained (baseline, da_fc8, da_fc67, da_fc678, stability, deepcloak, alexnet_baseline). Which
-stages a rule needs is `evaluate.make_plan`'s answer, so a rule runs here exactly when evaluate would run it, and
-its probabilities are computed by the same models and `msnet.decision` functions.
+whose stage was trained (baseline, da_fc8, da_fc67, da_fc678, stability, deepcloak, alexnet_baseline): the
+table in `msnet.methods`. Which stages a rule needs is `evaluate.make_plan`'s answer, so a rule runs here exactly
+when evaluate would run it, and its probabilities are computed by the same models and the same rule function
+(the table's, which evaluation's jitted step calls too).
 
 Params are loaded on a rule's first use (bitstream loads no master; the temperatures and the gate's network are
 parts of their own, loaded only by the rules that read them), placed on the config's mesh and run
@@ -27,27 +28,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from msnet import config as config_lib, decision, degradations, errors, models, parallel
+from msnet import config as config_lib, decision, degradations, errors, methods, models, parallel
 from msnet import train as train_lib
 from msnet.data import shards
 from msnet.data.sources import shape as _shape
 from msnet.evaluate import plan as plan_lib
 from msnet.train import calibrate
 
-ROUTED_RULES = ("ms", "ams", "map", "oracle", "bitstream", "hybrid", "ams_cal", "map_cal", "gate")
-CALIBRATED_RULES = ("ams_cal", "map_cal")  # the branches' logits divided by the calibrate stage's temperatures
 BIN_POSTERIOR_PARTS = ("master", "gate")  # a rule reading one of these reports its softmax as `bin_probs`
-SINGLE_RULES = ("baseline", *config_lib.COMPARISON_STAGES)
-BIN_RULES = ("oracle", "bitstream", "hybrid")  # the bin of each image comes from outside: `bins` is required
 NO_BRANCH = -1  # `branch` of a single network
 
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
-  """How a rule runs: the evaluate method whose stages it needs, the param parts it reads, its function."""
+  """How a rule runs: the evaluate method whose stages it needs, the param parts it reads, its function, and
+  where the bins it routes by come from (msnet.methods.Method.bins; None: it takes none)."""
   method: str
   parts: tuple[str, ...]
   fn: Callable[[dict[str, Any], jax.Array, jax.Array], dict[str, Any]]
+  bins: str | None = None
 
 
 def _softmax(logits: jax.Array) -> jax.Array:
@@ -87,49 +86,27 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
       return {"probs": _softmax(logits[0]), "branch": jnp.full((x.shape[0],), k, jnp.int32), "bin_probs": None}
     return fn
 
-  def routed(name: str) -> Callable[..., dict[str, Any]]:
-    def fn(p, x, bins):
-      logits = slave.apply({"params": p["slave"]}, x)  # [K, B, C]
-      if name in CALIBRATED_RULES:  # ams_cal: fitted on every bin; map_cal: each branch on its own bin
-        logits = decision.temper(logits, p["temperatures"]["branch" if name == "ams_cal" else "own_bin"])
-      out = {"bin_probs": None}
-      if name == "gate" or name in plan_lib.MASTER_RULES:  # MASTER_RULES holds map_cal: its master is tempered
-        if name == "gate":  # a network of the master's architecture, trained to weight the branches
-          bin_logits = master.apply({"params": p["gate"]}, x)
-        else:
-          bin_logits = master.apply({"params": p["master"]}, x).astype(jnp.float32)
-          if name == "map_cal":
-            bin_logits = bin_logits / p["temperatures"]["master"]
-        out["bin_probs"] = _softmax(bin_logits)
-        out["branch"] = jnp.argmax(bin_logits, axis=-1).astype(jnp.int32)
-        if name == "hybrid":
-          out["branch"] = jnp.where(bins != 0, bins.astype(jnp.int32), out["branch"])
-          out["probs"] = decision.hybrid(logits, bin_logits, bins)
-        else:
-          out["probs"] = (decision.ms if name == "ms" else decision.map_rule)(logits, bin_logits)
-      elif name in ("ams", "ams_cal"):
-        out["probs"] = decision.ams(logits)
-        top1 = jnp.argmax(out["probs"], axis=-1)
-        per_branch = jnp.take_along_axis(_softmax(logits), top1[None, :, None], axis=-1)[..., 0]  # [K, B]
-        out["branch"] = jnp.argmax(per_branch, axis=0).astype(jnp.int32)
-      else:
-        out["probs"], out["branch"] = decision.oracle(logits, bins), bins.astype(jnp.int32)
-      return out
+  def routed(rule: methods.Method) -> Callable[..., dict[str, Any]]:
+    def fn(p, x, bins):  # the rule's function in msnet.methods, the one evaluation's step calls
+      return rule.fn(methods.Inputs(
+          slave.apply({"params": p["slave"]}, x),  # [K, B, C]
+          master.apply({"params": p["master"]}, x).astype(jnp.float32) if "master" in rule.parts else None,
+          master.apply({"params": p["gate"]}, x) if "gate" in rule.parts else None,  # the gate: the master's arch
+          p.get("temperatures"), bins if rule.bins else None))
     return fn
 
-  rules = {"baseline": _Rule("baseline", ("baseline",), network(single, "baseline")),
-           "deepcloak": _Rule("deepcloak", ("baseline", "feature_mask"), deepcloak),
-           "alexnet_baseline": _Rule("alexnet_baseline", ("alexnet_baseline",), network(alexnet, "alexnet_baseline"))}
-  for name in ("da_fc8", "da_fc67", "da_fc678", "stability"):
-    rules[name] = _Rule(name, (name,), network(single, name))
+  rules: dict[str, _Rule] = {}
+  for m in methods.METHODS.values():
+    if m.kind == methods.NETWORK:
+      fn = deepcloak if m.name == "deepcloak" else network(alexnet if m.name == "alexnet_baseline" else single, m.name)
+      rules[m.name] = _Rule(m.name, m.parts, fn)
   for k, b in enumerate(bin_names):
     rules[f"branch_{b}"] = _Rule("branches", ("slave",), branch(k, calibrated=False))
   for k, b in enumerate(bin_names):  # a branch at its temperature needs what ams_cal needs: branches, calibrate
     rules[f"branch_{b}_cal"] = _Rule("ams_cal", ("slave", "temperatures"), branch(k, calibrated=True))
-  for name in ROUTED_RULES:
-    parts = ("slave", *(("master",) if name in plan_lib.MASTER_RULES else ()),
-             *(("temperatures",) if name in CALIBRATED_RULES else ()), *(("gate",) if name == "gate" else ()))
-    rules[name] = _Rule(name, parts, routed(name))
+  for m in methods.METHODS.values():
+    if m.kind == methods.RULE:
+      rules[m.name] = _Rule(m.name, m.parts, routed(m), m.bins)
   return rules
 
 
@@ -164,7 +141,7 @@ class Predictor:
     self._jitted: dict[str, Callable[..., dict[str, Any]]] = {}
     # Every method evaluate knows, so make_plan says which stages each rule lacks whatever the config lists.
     every = ml_collections.ConfigDict(config.to_dict())
-    every.evaluate.methods = ("baseline", "branches", *ROUTED_RULES, *config_lib.COMPARISON_STAGES)
+    every.evaluate.methods = methods.names()
     self._plan = plan_lib.make_plan(every, workdir)
 
   @property
@@ -176,8 +153,8 @@ class Predictor:
     """InvalidInputError for an unknown rule, MissingInputError (naming the stages to train) for one that
     cannot run yet."""
     if rule not in self._rules:
-      raise errors.InvalidInputError(f"unknown rule {rule!r}; this workdir's rules are {self.rules} (all rules of "
-                                     f"its config: {list(self._rules)})")
+      raise errors.InvalidInputError(f"unknown rule {methods.unknown(rule, self._rules)} (the rules of its config); "
+                                     f"this workdir's rules are {self.rules}")
     method = self._rules[rule].method
     if method in self._plan.missing:
       stages = self._plan.missing[method].partition(": ")[2].split(", ")  # make_plan: "stage(s) not trained: a, b"
@@ -252,7 +229,7 @@ class Predictor:
     return np.stack(shaped) if shaped else np.zeros((0, s, s, 3), np.uint8)
 
   def _bins(self, rule: str, bins: Any, n: int) -> np.ndarray:
-    if rule not in BIN_RULES:
+    if not self._rules[rule].bins:
       return np.zeros(n, np.int32)
     if bins is None:
       raise errors.InvalidInputError(f"rule {rule!r} routes each image by a bin given from outside: pass bins=[B] "

@@ -8,10 +8,9 @@ import pathlib
 
 import ml_collections
 
-from msnet import config as config_lib, degradations
+from msnet import config as config_lib, degradations, methods
 
-ROUTED = ("branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid", "ams_cal", "map_cal", "gate")
-MASTER_RULES = ("ms", "map", "hybrid", "map_cal")  # the routed rules that read the master
+ROUTED = methods.names(methods.BRANCHES, methods.RULE)  # what the assembled slave computes
 
 
 @dataclasses.dataclass
@@ -20,7 +19,7 @@ class Plan:
   single: list[str] = dataclasses.field(default_factory=list)   # K=1 networks: baseline, da_*, stability, deepcloak
   branches: bool = False        # report each branch of the slave alone
   slave: bool = False           # the assembled slave is needed (branches or a decision rule)
-  master: bool = False          # the master is needed (MASTER_RULES)
+  master: bool = False          # the master is needed (ms, map, hybrid, map_cal)
   calibrated: bool = False      # the calibrate stage's temperatures are needed (ams_cal, map_cal)
   gate: bool = False            # the learned gate is needed
   routed: list[str] = dataclasses.field(default_factory=list)   # decision rules: ms, ams, map, oracle, ..., hybrid
@@ -32,33 +31,26 @@ def stage_done(workdir: pathlib.Path, stage: str) -> bool:
 
 
 def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Plan:
-  """Resolve config.evaluate.methods ("comparisons": config.comparisons) against the completed training stages."""
+  """Resolve config.evaluate.methods ("comparisons": config.comparisons) against the completed training stages
+  that each method's entry in `msnet.methods` names."""
   plan = Plan()
-  branch_stages = ["baseline", *(f"branch_{b.name}" for b in config.bins[1:])]
-  absent = lambda stages: [s for s in stages if not stage_done(workdir, s)]  # noqa: E731
-  for method in config_lib.evaluated_methods(config):
-    if method in ROUTED:
-      need = branch_stages + (["master"] if method in MASTER_RULES else [])
-      if method in config_lib.EXTENSION_METHODS:
-        need.append(config_lib.EXTENSION_METHODS[method])
-    elif method == "deepcloak":
-      need = ["baseline", "deepcloak"]
-    else:
-      need = [method]
-    if lack := absent(need):
-      plan.missing[method] = "stage(s) not trained: " + ", ".join(lack)
+  bin_names = [b.name for b in config.bins]
+  for name in config_lib.evaluated_methods(config):
+    method = methods.get(name)
+    if lack := [s for s in methods.stages_of(method, bin_names) if not stage_done(workdir, s)]:
+      plan.missing[name] = "stage(s) not trained: " + ", ".join(lack)
       continue
-    if method in ROUTED:
-      plan.slave = True
-      plan.master |= method in MASTER_RULES
-      plan.calibrated |= config_lib.EXTENSION_METHODS.get(method) == "calibrate"
-      plan.gate |= method == "gate"
-      if method == "branches":
-        plan.branches = True
-      else:
-        plan.routed.append(method)
+    if method.kind == methods.NETWORK:
+      plan.single.append(name)
+      continue
+    plan.slave = True
+    plan.master |= "master" in method.stages
+    plan.calibrated |= "calibrate" in method.stages
+    plan.gate |= "gate" in method.stages
+    if method.kind == methods.BRANCHES:
+      plan.branches = True
     else:
-      plan.single.append(method)
+      plan.routed.append(name)
   return plan
 
 

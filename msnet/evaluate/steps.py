@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from msnet import decision, models, parallel
+from msnet import decision, methods, models, parallel
 
 TOP_K = 5
 
@@ -162,16 +162,11 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
     if layout.deepcloak:
       masked = features * feature_mask.astype(features.dtype)
       probs.append(jax.nn.softmax(dc_module.apply({"params": dc_params}, masked, method=_heads), axis=-1))
-    rules = {"ms": lambda: decision.ms(slave, master_logits), "ams": lambda: decision.ams(slave),
-             "map": lambda: decision.map_rule(slave, master_logits),
-             "oracle": lambda: decision.oracle(slave, batch["bin"]),
-             "bitstream": lambda: decision.oracle(slave, batch["bitstream_bin"]),
-             "hybrid": lambda: decision.hybrid(slave, master_logits, batch["bitstream_bin"]),
-             "ams_cal": lambda: decision.ams(decision.temper(slave, temperatures["branch"])),
-             "map_cal": lambda: decision.map_rule(decision.temper(slave, temperatures["own_bin"]),
-                                                  master_logits / temperatures["master"]),
-             "gate": lambda: decision.map_rule(slave, gate_logits)}
-    probs += [rules[r]()[None] for r in layout.routed]
+    for name in layout.routed:  # each rule's function in msnet.methods, the one the predictor calls
+      rule = methods.get(name)
+      inputs = methods.Inputs(slave, master_logits, gate_logits, temperatures,
+                              batch[methods.BIN_FIELDS[rule.bins]] if rule.bins else None)
+      probs.append(rule.fn(inputs)["probs"][None])
     every = jnp.concatenate(probs, axis=0)
     c1, c5, top1 = _counts(every, batch["label"], mask)
     out["correct1"], out["correct5"] = acc["correct1"] + c1, acc["correct5"] + c5
