@@ -556,6 +556,15 @@ def test_host_cache_gives_the_streamed_batches_and_states(shard_workdir, specs, 
       np.testing.assert_array_equal(g["label"], w["label"])
 
 
+def test_host_cache_on_1_device_gives_the_8_device_stream(shard_workdir):
+  one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  make = lambda mesh, cache: loader.TrainLoader(shard_workdir, "train", ["clean", "jpeg:10"], [1.0, 2.0], 16, 4,
+                                                mesh, True, 0, host_cache=cache)
+  for w, g in zip(_batches(make(parallel.make_mesh([("data", -1)]), "off"), 16), _batches(make(one, "on"), 16)):
+    np.testing.assert_array_equal(g["image"], w["image"])
+    np.testing.assert_array_equal(g["label"], w["label"])
+
+
 def test_host_cache_reader_matches_the_shard_reader_per_process(shard_workdir):
   """Simulated 2 processes: each process's cached batch equals its batch read from the shards (the flips
   by stream position)."""
