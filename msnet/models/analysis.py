@@ -3,7 +3,8 @@
 FLOPs are 2 x multiply-accumulates of conv and fully connected layers, with padding taps counted (the
 convention of ../shared/reference/cpu-performance.md: CIFAR VGG-16 = 0.6275 GFLOP/image); biases, ReLU,
 pooling and normalisation are left out (<1 %). Channel counts come from the params, spatial sizes from
-the table, and every branch layer counts K times (K = the leading axis of the branch params).
+the table, and every branch layer counts K times (K = the leading axis of the branch params). A ResNet row
+(stem, residual block) counts as one layer: the sum of its convs (`resnet.row_flops`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 
+from msnet.models import resnet
 from msnet.models.layers import LayerSpec
 from msnet.models.master import Master
 from msnet.models.slave import Slave, model_table
 
 
 def _out_size(size: int, spec: LayerSpec) -> int:
+  if spec.kind == "pool" and isinstance(spec.padding, int):
+    return (size + 2 * spec.padding - spec.kernel) // spec.stride + 1
   if spec.kind == "pool" or spec.padding == "VALID":
     return (size - spec.kernel) // spec.stride + 1
   if spec.padding == "SAME":
@@ -45,6 +50,16 @@ def layer_flops(module: Any, params: Mapping[str, Any], image_size: int) -> list
     for spec in layers:
       if spec.kind == "pool":
         size = _out_size(size, spec)
+        continue
+      if spec.kind in ("norm", "gap"):
+        size = 1 if spec.kind == "gap" else size
+        continue
+      if spec.kind in ("stem", *resnet.BLOCK_KINDS):
+        leaves = jax.tree.leaves(p[spec.name])
+        copies = leaves[0].shape[0] if stacked else 1
+        shapes = jax.tree.map(lambda a: tuple(a.shape[1:] if stacked else a.shape), p[spec.name])
+        flops, size = resnet.row_flops(spec, shapes, size)
+        rows.append(dict(layer=spec.name, flops=float(flops * copies), out=(size, size, spec.features), copies=copies))
         continue
       kernel = p[spec.name]["kernel"]
       shape = kernel.shape[1:] if stacked else kernel.shape

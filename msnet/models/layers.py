@@ -201,12 +201,15 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   policy: ConvPolicy | None = None
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+  use_bias: bool = True  # False for convs followed by a norm (ResNets), whose bias would be redundant
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
-    b = self.param("bias", nn.initializers.zeros, (self.features,))
     y = conv2d(x.astype(self.dtype), k.astype(self.dtype), self.stride, self.padding, self.policy)
+    if not self.use_bias:
+      return y
+    b = self.param("bias", nn.initializers.zeros, (self.features,))
     if (self.policy or default_policy()).dot_bias_grad:
       return _bias_add_dot_grad(y, b.astype(self.dtype))
     return y + b.astype(self.dtype)
@@ -310,13 +313,13 @@ def normalize_input(x: Array, input_norm: str) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-  """One row of a network's layer table (VGG-16, AlexNet, the master)."""
+  """One row of a network's layer table (VGG-16, AlexNet, the master, the ResNets)."""
   name: str
-  kind: str                      # "conv", "pool" or "fc"
+  kind: str                      # "conv", "pool" or "fc"; ResNets add msnet.models.resnet's row kinds
   features: int = 0              # conv / fc output width
   kernel: int = 1                # conv / pool window
   stride: int = 1
-  padding: str | int = "SAME"    # conv: "SAME", "VALID" or int (torch-style); pools are VALID
+  padding: str | int = "SAME"    # conv: "SAME", "VALID" or int (torch-style); pools: VALID, or int (ResNet's)
   dropout_before: bool = False   # fc: dropout on its input while training
   relu: bool = True              # conv / fc: ReLU after (False for the classifier)
 

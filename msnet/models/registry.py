@@ -14,12 +14,13 @@ from typing import Any
 
 import ml_collections
 
+from msnet.models import resnet
 from msnet.models.alexnet import alexnet_table
 from msnet.models.layers import LayerSpec, apply_table
 from msnet.models.vgg import vgg16_table
 
-# Rows after which the trunk may end: a VGG/AlexNet conv layer.
-CUT_KINDS = ("conv",)
+# Rows after which the trunk may end: a VGG/AlexNet conv layer or a ResNet residual block.
+CUT_KINDS = ("conv", *resnet.BLOCK_KINDS)
 
 # VGG's and AlexNet's fully connected layers, as the DA comparison stages name them.
 FC_DA = {"da_fc8": ("fc8",), "da_fc67": ("fc6", "fc7"), "da_fc678": ("fc6", "fc7", "fc8")}
@@ -44,6 +45,10 @@ ARCHS: dict[str, Arch] = {
     "alexnet": Arch(table=lambda m, n: alexnet_table(m.variant, n, m.width, m.fc_width), run=apply_table,
                     unit="conv layers", variants=("cifar", "imagenet"),
                     norms=("none", "group"), dropout=True, da_layers=FC_DA),
+    **{name: Arch(table=lambda m, n, name=name: resnet.resnet_table(name, n, m.width), run=resnet.apply_resnet,
+                  unit="residual blocks", variants=(variant,), norms=("group",), dropout=False,
+                  da_layers={"da_fc8": ("fc",)})
+       for name, variant in (("resnet18", "cifar"), ("resnet34", "cifar"), ("resnet50", "imagenet"))},
 }
 
 

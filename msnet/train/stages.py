@@ -10,7 +10,7 @@
                     trained with the branches frozen to minimise the NLL of the gated mixture of the
                     branches' probabilities, on the master's data (every bin's specs, bins equally weighted).
   da_fc8/67/678     from the baseline, only fc8 / fc6+fc7 / fc6+fc7+fc8 train, on clean + every bin's specs
-                    (the layers come from the arch's registry entry).
+                    (the layers are the arch's registry entry: a ResNet's da_fc8 trains its classifier `fc`).
   stability         from the baseline, everything trains, clean data, CE + alpha * KL(clean || noisy).
   alexnet_baseline  AlexNet (config.alexnet_model) from scratch on clean data, for the VGG-vs-AlexNet figure.
   deepcloak         no gradient step: ranks trunk-output channels by their mean |f(clean) - f(degraded)|
