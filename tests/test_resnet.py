@@ -11,9 +11,10 @@ import torch
 from torch import nn as tnn
 from torch.nn import functional as F
 
-from msnet import config, models, train
+from msnet import config, models, study, train
 from msnet.train import loop
 
+from test_study import study_config
 from test_train import tiny_config, workdir_with_data, write_synthetic_shards
 
 
@@ -127,8 +128,8 @@ class TorchResNet(tnn.Module):
 def load_into_torch(net, params):
   """Copy a K=1 slave's Flax params (trunk + branch 0) into `net`."""
   flat = {**params["trunk"], **jax.tree.map(lambda a: a[0], params["branches"])}
-  t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a)))  # noqa: E731
-  conv = lambda m, p: m.weight.data.copy_(t(np.transpose(p["kernel"], (3, 2, 0, 1))))  # noqa: E731
+  t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a)))
+  conv = lambda m, p: m.weight.data.copy_(t(np.transpose(p["kernel"], (3, 2, 0, 1))))
 
   def norm(m, p):
     m.weight.data.copy_(t(p["scale"]))
@@ -226,6 +227,31 @@ def test_flops_and_params_match_torchvision_resnet50():
                                                                    + 2 * branch)
 
 
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  x = images()
+  f32 = models.build_slave(resnet_cfg(), 10, 1)
+  bf16 = models.build_slave(resnet_cfg(compute_dtype="bfloat16"), 10, 1)
+  params = random_params(f32, x, seed=3)
+  shapes = jax.eval_shape(bf16.init, jax.random.key(0), x)["params"]
+  assert {a.dtype for a in jax.tree.leaves(shapes)} == {np.dtype("float32")}
+  want = np.asarray(jax.jit(f32.apply)({"params": params}, x))
+  got = jax.jit(bf16.apply)({"params": params}, x)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(got), want, atol=0.05 * float(np.abs(want).max()))
+
+
+def test_study_takes_block_depths():
+  c = study_config()
+  c.model.update(dict(arch="resnet18", norm="group", trunk_layers=4))
+  c.comparisons = ()
+  c.study.trunk_layers = (2, 4, 8)
+  study.check_study(c)
+  c.study.trunk_layers = (2, 9)
+  with pytest.raises(config.ConfigError, match=r"config\.study\.trunk_layers: 9 is not in \[1, 8\] \(resnet18 "
+                     r"residual blocks\)"):
+    study.check_study(c)
+
+
 def _resnet_config(**model):
   c = config.base_config()
   c.model.update({**dict(arch="resnet18", norm="group", trunk_layers=4), **model})
@@ -268,6 +294,15 @@ def test_resnet_slave_trains_through_the_stage_loop(tmp_path):
   assert losses and all(np.isfinite(losses))
   base = train.load_params(w, "baseline")
   assert sorted(base["trunk"]) == ["block1_1", "block1_2", "block2_1", "block2_2", "block3_1", "block3_2", "stem"]
+  # The depth study's cost of one branch at a block boundary: a K=2 slave's FLOPs minus the K=1 one's.
+  for depth, first in ((2, "block2_1"), (8, "fc")):
+    cost = study.branch_cost(c, w, depth)
+    cfg = study.depth_config(c, depth)
+    cut = models.resplit_params(base, models.model_table(cfg.model, 10), depth)
+    one, two = (models.build_slave(cfg.model, 10, k) for k in (1, 2))
+    extra = models.flops_per_image(two, models.tile_branches(cut, 2), 32) - models.flops_per_image(one, cut, 32)
+    assert cost["first_branch_layer"] == first
+    assert cost["branch_mflops"] * 1e6 == pytest.approx(extra)
   for stage, trains in (("branch_jpeg", "branches/"), ("da_fc8", "branches/fc/")):
     train.run_stage(c, w, stage)
     after = train.load_params(w, stage)
