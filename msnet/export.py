@@ -84,11 +84,11 @@ def export(workdir: Any, rule: str, out: Any, platforms: Sequence[str] | None = 
           "msnet_version": msnet.__version__, "jax_version": jax.__version__,
           "load": f"jax.export.deserialize(open('{ARTIFACT}', 'rb').read()).call(images"
                   + (", bins)" if with_bins else ")")}
-  if "temperatures" in host:  # constants of the artifact, recorded so a reader knows which calibration it holds
-    which = "branch" if rule == "ams_cal" else "own_bin"  # map_cal and branch_<bin>_cal: each on its own bin
+  if spec.temperatures:  # constants of the artifact, recorded so a reader knows which calibration it holds
+    which = spec.temperatures[0]  # "branch": fitted on every bin (ams_cal); "own_bin": each branch on its own
     meta["temperatures"] = {"baked_in": True, "fitted_on": "every bin" if which == "branch" else "each branch's bin",
                             "branch": dict(zip(predictor.bin_names, map(float, host["temperatures"][which])))}
-    if rule == "map_cal":
+    if "master" in spec.temperatures:
       meta["temperatures"]["master"] = float(host["temperatures"]["master"])
   (out / META).write_text(json.dumps(meta, indent=1) + "\n")
   return out

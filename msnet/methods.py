@@ -45,6 +45,9 @@ class Method:
   parts: tuple[str, ...]         # the param parts the predictor loads, in load order
   bins: str | None = None        # "true" / "bitstream": routes by each image's bin given from outside
   fn: Callable[[Inputs], Output] | None = None  # RULE: probabilities and routing from its Inputs
+  # The calibrate stage's temperatures it divides by: the branches' first ("branch": fitted on every bin,
+  # "own_bin": each branch on its own bin), then "master" (export records them beside the artifact).
+  temperatures: tuple[str, ...] = ()
 
 
 def _jax() -> tuple[Any, Any, Any]:
@@ -121,12 +124,12 @@ def _network(name: str, stages: tuple[str, ...] | None = None, parts: tuple[str,
   return Method(name, NETWORK, stages or (name,), parts or (name,))
 
 
-def _rule(name: str, fn: Callable[[Inputs], Output], needs: tuple[str, ...] = (), bins: str | None = None
-          ) -> Method:
+def _rule(name: str, fn: Callable[[Inputs], Output], needs: tuple[str, ...] = (), bins: str | None = None,
+          temperatures: tuple[str, ...] = ()) -> Method:
   """A rule over the slave and the stages in `needs`; each stage's params are a part of the same name, but the
   calibrate stage's part is its temperatures."""
   parts = tuple("temperatures" if s == "calibrate" else s for s in needs)
-  return Method(name, RULE, (SLAVE, *needs), (SLAVE, *parts), bins, fn)
+  return Method(name, RULE, (SLAVE, *needs), (SLAVE, *parts), bins, fn, temperatures)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -138,8 +141,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _rule("oracle", _given_bin, bins="true"),
     _rule("bitstream", _given_bin, bins="bitstream"),
     _rule("hybrid", _hybrid, ("master",), bins="bitstream"),
-    _rule("ams_cal", _ams_cal, ("calibrate",)),
-    _rule("map_cal", _map_cal, ("master", "calibrate")),
+    _rule("ams_cal", _ams_cal, ("calibrate",), temperatures=("branch",)),
+    _rule("map_cal", _map_cal, ("master", "calibrate"), temperatures=("own_bin", "master")),
     _rule("gate", _gate, ("gate",)),
     _network("da_fc8"), _network("da_fc67"), _network("da_fc678"), _network("stability"),
     _network("deepcloak", ("baseline", "deepcloak"), ("baseline", "feature_mask")),  # the baseline, features masked

@@ -41,12 +41,13 @@ NO_BRANCH = -1  # `branch` of a single network
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
-  """How a rule runs: the evaluate method whose stages it needs, the param parts it reads, its function, and
-  where the bins it routes by come from (msnet.methods.Method.bins; None: it takes none)."""
+  """How a rule runs: the evaluate method whose stages it needs, the param parts it reads, its function, where
+  the bins it routes by come from and the temperatures it divides by (as msnet.methods.Method's)."""
   method: str
   parts: tuple[str, ...]
   fn: Callable[[dict[str, Any], jax.Array, jax.Array], dict[str, Any]]
   bins: str | None = None
+  temperatures: tuple[str, ...] = ()
 
 
 def _softmax(logits: jax.Array) -> jax.Array:
@@ -103,10 +104,11 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
   for k, b in enumerate(bin_names):
     rules[f"branch_{b}"] = _Rule("branches", ("slave",), branch(k, calibrated=False))
   for k, b in enumerate(bin_names):  # a branch at its temperature needs what ams_cal needs: branches, calibrate
-    rules[f"branch_{b}_cal"] = _Rule("ams_cal", ("slave", "temperatures"), branch(k, calibrated=True))
+    rules[f"branch_{b}_cal"] = _Rule("ams_cal", ("slave", "temperatures"), branch(k, calibrated=True),
+                                     temperatures=("own_bin",))
   for m in methods.METHODS.values():
     if m.kind == methods.RULE:
-      rules[m.name] = _Rule(m.name, m.parts, routed(m), m.bins)
+      rules[m.name] = _Rule(m.name, m.parts, routed(m), m.bins, m.temperatures)
   return rules
 
 

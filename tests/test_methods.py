@@ -21,6 +21,7 @@ NEEDS = {"baseline": ["baseline"], "branches": SLAVE, "ms": [*SLAVE, "master"], 
          "da_fc8": ["da_fc8"], "da_fc67": ["da_fc67"], "da_fc678": ["da_fc678"], "stability": ["stability"],
          "deepcloak": ["baseline", "deepcloak"], "alexnet_baseline": ["alexnet_baseline"]}
 GIVEN_BINS = {"oracle": "true", "bitstream": "bitstream", "hybrid": "bitstream"}
+TEMPERATURES = {"ams_cal": ("branch",), "map_cal": ("own_bin", "master")}  # the calibrate stage's, branches' first
 UNKNOWN = "'nope' is not one of"
 
 
@@ -44,6 +45,7 @@ def test_the_table_holds_every_method_with_its_stages() -> None:
   for name, method in methods.METHODS.items():
     assert methods.stages_of(method, ["clean", "jpeg", "jp2k"]) == NEEDS[name], name
     assert method.bins == GIVEN_BINS.get(name), name
+    assert method.temperatures == TEMPERATURES.get(name, ()), name
     assert (method.fn is not None) == (method.kind == methods.RULE), name
 
 
@@ -82,6 +84,8 @@ def test_predict_serves_every_entry_with_the_same_stages(tmp_path: pathlib.Path)
   rules = predict.rule_functions(c)
   assert set(rules) == {*(set(NEEDS) - {"branches"}), *branch_rules}
   assert {r for r, spec in rules.items() if spec.bins} == set(GIVEN_BINS)
+  assert {r: spec.temperatures for r, spec in rules.items() if spec.temperatures} == {
+      **TEMPERATURES, **{r: ("own_bin",) for r in branch_rules if r.endswith("_cal")}}
   assert set(files.BITSTREAM_RULES) == {"bitstream", "hybrid"}
   predictor = predict.Predictor(tmp_path, c, [str(i) for i in range(10)], 16)
   assert predictor.rules == []
