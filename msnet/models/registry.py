@@ -19,8 +19,8 @@ from msnet.models.alexnet import alexnet_table
 from msnet.models.layers import LayerSpec, apply_table
 from msnet.models.vgg import vgg16_table
 
-# Rows after which the trunk may end: a VGG/AlexNet conv layer or a ResNet residual block.
-CUT_KINDS = ("conv", *resnet.BLOCK_KINDS)
+# Rows after which the trunk may end (a VGG/AlexNet conv layer or a ResNet residual block), and what they are.
+CUT_KINDS = {"conv": "conv layers", **dict.fromkeys(resnet.BLOCK_KINDS, "residual blocks")}
 
 # VGG's and AlexNet's fully connected layers, as the DA comparison stages name them.
 FC_DA = {"da_fc8": ("fc8",), "da_fc67": ("fc6", "fc7"), "da_fc678": ("fc6", "fc7", "fc8")}

@@ -60,7 +60,7 @@ def _norm(channels: int, dtype: Any, name: str) -> nn.GroupNorm:
 
 
 class Stem(nn.Module):
-  """The stem conv; with `post_act` (ResNet-50) followed by norm and ReLU."""
+  """The stem conv; where the row has `relu` (ResNet-50's post-activation stem) followed by norm and ReLU."""
   spec: LayerSpec
   dtype: Any = jnp.float32
   policy: ConvPolicy | None = None

@@ -38,8 +38,8 @@ def trunk_size(table: tuple[LayerSpec, ...], trunk_layers: int) -> int:
   block of a ResNet: `registry.CUT_KINDS`) and the pools right after it."""
   cuts = [i for i, s in enumerate(table) if s.kind in registry.CUT_KINDS]
   if not 1 <= trunk_layers <= len(cuts):
-    kinds = "residual blocks" if table[cuts[0]].kind != "conv" else "conv layers"
-    raise ValueError(f"model.trunk_layers={trunk_layers}: must be in [1, {len(cuts)}], the number of {kinds} "
+    raise ValueError(f"model.trunk_layers={trunk_layers}: must be in [1, {len(cuts)}], the number of "
+                     f"{registry.CUT_KINDS[table[cuts[-1]].kind]} "
                      f"({', '.join(table[i].name for i in cuts)})")
   n = cuts[trunk_layers - 1] + 1
   while n < len(table) and table[n].kind == "pool":
