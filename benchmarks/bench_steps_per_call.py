@@ -2,6 +2,7 @@ r"""Train steps/s of the demo's network at K = 1, 4, 16 steps per call, on both 
 
   python benchmarks/bench_steps_per_call.py                     # the demo config, batch 128, 48 timed steps
   python benchmarks/bench_steps_per_call.py --steps=32 --ks=1,16
+  python benchmarks/bench_steps_per_call.py --steps=32 --rolled   # also the scan kept as a loop on the CPU
 
 The demo config's slave (configs/demo.py: width 1/4 VGG-16, GroupNorm, batch 128, SGD) on clean shards of
 `--images` smooth random 32x32 images, its baseline optimizer and step; per data path ("host":
@@ -46,6 +47,7 @@ def main() -> None:
   parser.add_argument("--images", type=int, default=4096)
   parser.add_argument("--steps", type=int, default=48, help="timed steps per (path, K); a multiple of every K")
   parser.add_argument("--ks", default="1,4,16")
+  parser.add_argument("--rolled", action="store_true", help="also the host path with the scan kept as a loop")
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "steps_per_call.json"))
   args = parser.parse_args()
 
@@ -70,40 +72,42 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     workdir = pathlib.Path(tmp)
     _shards(workdir, args.images, config.data.image_size)
-    for path in ("host", "device"):
-      for k in ks:
-        if path == "host":
-          ld = loader_lib.TrainLoader(workdir, "train", ["clean"], None, gb, 0, mesh, True, 0)
-          feed = step_lib.host_feed(mesh)
-        else:
-          ld = resident.ResidentLoader(workdir, "train", ["clean"], None, gb, 0, mesh, True)
-          repl = parallel.replicated(mesh)
-          feed = step_lib.Feed(ld.batch, repl, repl, repl, data=ld.data)
-        if k == 1 and path == "host":
-          single = step_lib.make_train_step(*step_args)
-          call = lambda state, data, items: single(state, items[0])  # noqa: E731
-        else:
-          call = step_lib.make_train_call(*step_args, steps=k, feed=feed)
-        state = state_lib.init_state(init, tx, shardings)
-        t = time.perf_counter()
+    runs = [(path, k, None) for path in ("host", "device") for k in ks]
+    runs += [("host", k, False) for k in ks if k > 1 and args.rolled]  # the scan as a loop (the CPU default unrolls)
+    for path, k, unroll in runs:
+      if path == "host":
+        ld = loader_lib.TrainLoader(workdir, "train", ["clean"], None, gb, 0, mesh, True, 0)
+        feed = step_lib.host_feed(mesh)
+      else:
+        ld = resident.ResidentLoader(workdir, "train", ["clean"], None, gb, 0, mesh, True)
+        repl = parallel.replicated(mesh)
+        feed = step_lib.Feed(ld.batch, repl, repl, repl, data=ld.data)
+      if k == 1 and path == "host":
+        single = step_lib.make_train_step(*step_args)
+        call = lambda state, data, items: single(state, items[0])  # noqa: E731
+      else:
+        call = step_lib.make_train_call(*step_args, steps=k, feed=feed, unroll=unroll)
+      state = state_lib.init_state(init, tx, shardings)
+      t = time.perf_counter()
+      state, m = call(state, feed.data, [next(ld) for _ in range(k)])
+      jax.block_until_ready(m)
+      compile_s = time.perf_counter() - t
+      t = time.perf_counter()
+      for _ in range(args.steps // k):
         state, m = call(state, feed.data, [next(ld) for _ in range(k)])
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t
-        t = time.perf_counter()
-        for _ in range(args.steps // k):
-          state, m = call(state, feed.data, [next(ld) for _ in range(k)])
-        jax.block_until_ready((state, m))
-        seconds = time.perf_counter() - t
-        rows.append({"path": path, "steps_per_call": k, "steps": args.steps // k * k, "seconds": seconds,
-                     "steps_per_s": args.steps // k * k / seconds, "images_per_s": args.steps // k * k * gb / seconds,
-                     "first_call_s": compile_s})
-        r = rows[-1]
-        print(f"{path:6s} K={k:<3d} {r['steps_per_s']:7.2f} steps/s {r['images_per_s']:8.0f} img/s "
-              f"(first call {compile_s:.1f} s)", flush=True)
+      jax.block_until_ready((state, m))
+      seconds = time.perf_counter() - t
+      rows.append({"path": path, "steps_per_call": k, "scan": "rolled" if unroll is False else "default",
+                   "steps": args.steps // k * k, "seconds": seconds,
+                   "steps_per_s": args.steps // k * k / seconds, "images_per_s": args.steps // k * k * gb / seconds,
+                   "first_call_s": compile_s})
+      r = rows[-1]
+      print(f"{path:6s} K={k:<3d} {r['scan']:7s} {r['steps_per_s']:7.2f} steps/s {r['images_per_s']:8.0f} img/s "
+            f"(first call {compile_s:.1f} s)", flush=True)
 
-  print("\n| data path | K | steps/s | img/s | first call (s) |\n|---|---|---|---|---|")
+  print("\n| data path | K | scan | steps/s | img/s | first call (s) |\n|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['path']} | {r['steps_per_call']} | {r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | "
+    print(f"| {r['path']} | {r['steps_per_call']} | {r['scan']} | {r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | "
           f"{r['first_call_s']:.1f} |")
   write_results(args.out, {"devices": [str(d) for d in jax.devices()], "global_batch": gb, "images": args.images,
                            "rows": rows})

@@ -124,12 +124,18 @@ def host_feed(mesh: Mesh) -> Feed:
 
 def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *, steps: int, feed: Feed,
-                    loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0) -> CallFn:
+                    loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0,
+                    unroll: bool | None = None) -> CallFn:
   """call(state, data, items) -> (state, metrics [steps]): `steps` train steps in one jitted program.
 
   `items` is the list of the `steps` loader items of the call, stacked inside and scanned over
   (`lax.scan`), so the host dispatches once per call. Each step is the single step's own function: the
   params after a call are those of `steps` single steps (to float32 rounding: XLA may fuse differently).
+
+  `unroll` None: unrolled on the CPU, a loop elsewhere. XLA's CPU backend runs the body of a rolled scan (a
+  while loop) several times slower than the same step jitted alone (benchmarks/bench_steps_per_call.py's
+  "rolled" rows), while the K unrolled steps run as fast as single steps (compile time grows with K).
+  Accelerators keep the loop: one step's program, compiled once.
   """
   if steps < 1:
     raise ValueError(f"steps {steps}: must be >= 1")
@@ -139,7 +145,10 @@ def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedul
     if len(items) != steps:
       raise ValueError(f"a call of {steps} steps got {len(items)} items")
     xs = jax.lax.with_sharding_constraint(jax.tree.map(lambda *x: jnp.stack(x), *items), feed.stacked_sharding)
-    return jax.lax.scan(lambda s, item: step(s, feed.batch(data, item)), state, xs)
+    return jax.lax.scan(lambda s, item: step(s, feed.batch(data, item)), state, xs, unroll=unroll)
+
+  if unroll is None:
+    unroll = jax.default_backend() == "cpu"
 
   repl = parallel.replicated(mesh)
   return jax.jit(call, in_shardings=(shardings, feed.data_sharding, feed.item_sharding),
