@@ -2,7 +2,7 @@ r"""Train steps/s of the demo's network at K = 1, 4, 16 steps per call, on both 
 
   python benchmarks/bench_steps_per_call.py                     # the demo config, batch 128, 48 timed steps
   python benchmarks/bench_steps_per_call.py --steps=32 --ks=1,16
-  python benchmarks/bench_steps_per_call.py --steps=32 --rolled   # also the scan kept as a loop on the CPU
+  python benchmarks/bench_steps_per_call.py --steps=32 --rolled=4   # also K=4 with the scan kept as a loop
 
 The demo config's slave (configs/demo.py: width 1/4 VGG-16, GroupNorm, batch 128, SGD) on clean shards of
 `--images` smooth random 32x32 images, its baseline optimizer and step; per data path ("host":
@@ -47,7 +47,7 @@ def main() -> None:
   parser.add_argument("--images", type=int, default=4096)
   parser.add_argument("--steps", type=int, default=48, help="timed steps per (path, K); a multiple of every K")
   parser.add_argument("--ks", default="1,4,16")
-  parser.add_argument("--rolled", action="store_true", help="also the host path with the scan kept as a loop")
+  parser.add_argument("--rolled", default="", help="K values to run also with the scan kept as a loop (host path)")
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "steps_per_call.json"))
   args = parser.parse_args()
 
@@ -73,7 +73,7 @@ def main() -> None:
     workdir = pathlib.Path(tmp)
     _shards(workdir, args.images, config.data.image_size)
     runs = [(path, k, None) for path in ("host", "device") for k in ks]
-    runs += [("host", k, False) for k in ks if k > 1 and args.rolled]  # the scan as a loop (the CPU default unrolls)
+    runs += [("host", int(k), False) for k in filter(None, args.rolled.split(","))]  # the loop the CPU avoids
     for path, k, unroll in runs:
       if path == "host":
         ld = loader_lib.TrainLoader(workdir, "train", ["clean"], None, gb, 0, mesh, True, 0)

@@ -132,10 +132,10 @@ def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedul
   (`lax.scan`), so the host dispatches once per call. Each step is the single step's own function: the
   params after a call are those of `steps` single steps (to float32 rounding: XLA may fuse differently).
 
-  `unroll` None: unrolled on the CPU, a loop elsewhere. XLA's CPU backend runs the body of a rolled scan (a
-  while loop) several times slower than the same step jitted alone (benchmarks/bench_steps_per_call.py's
-  "rolled" rows), while the K unrolled steps run as fast as single steps (compile time grows with K).
-  Accelerators keep the loop: one step's program, compiled once.
+  `unroll` None: unrolled on the CPU, a loop elsewhere. XLA's CPU backend runs the body of a loop (a rolled
+  scan, even of one trip) about 30x slower than the same step jitted alone (benchmarks/bench_steps_per_call.py
+  --rolled: 0.19 against 6.7 steps/s), while the K steps written out run as fast as single steps (compile time
+  grows with K). Accelerators keep the loop: one step's program, compiled once.
   """
   if steps < 1:
     raise ValueError(f"steps {steps}: must be >= 1")
@@ -144,8 +144,14 @@ def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedul
   def call(state: TrainState, data: Any, items: list[Any]) -> tuple[TrainState, dict[str, jax.Array]]:
     if len(items) != steps:
       raise ValueError(f"a call of {steps} steps got {len(items)} items")
+    if unroll:  # the K steps written out one after the other: no loop in the program, not even of one trip
+      per_step = []
+      for item in items:
+        state, metrics = step(state, feed.batch(data, item))
+        per_step.append(metrics)
+      return state, jax.tree.map(lambda *x: jnp.stack(x), *per_step)
     xs = jax.lax.with_sharding_constraint(jax.tree.map(lambda *x: jnp.stack(x), *items), feed.stacked_sharding)
-    return jax.lax.scan(lambda s, item: step(s, feed.batch(data, item)), state, xs, unroll=unroll)
+    return jax.lax.scan(lambda s, item: step(s, feed.batch(data, item)), state, xs)
 
   if unroll is None:
     unroll = jax.default_backend() == "cpu"
