@@ -1,6 +1,6 @@
 """Single-thread degradation throughput: msnet.degradations.apply beside a plain Pillow/NumPy loop.
 
-  python benchmarks/bench_degrade_codecs.py [--reps 5] [--n32 200] [--n224 8] [--out FILE]
+  python benchmarks/bench_degrade_codecs.py [--reps 5] [--n32 200] [--n224 8] [--avif-speeds 6,7,8,9,10] [--out FILE]
 
 Images: CIFAR-10 test JPEGs decoded to 32x32, and at 224x224 two sets: 7x7 mosaics of CIFAR images
 (sharp, busy) and x7 bicubic upsamples (smooth). Every case runs once per round and rounds interleave,
@@ -10,7 +10,12 @@ the mean PSNR / bpp reached, so the two columns can be checked to do the same wo
 The plain loop: Pillow `save('JPEG', quality=Q, subsampling=2)` + open; Pillow `save('JPEG2000',
 quality_mode='rates' | 'dB', irreversible=True, mct=1, no_jp2=True)` + open, with msnet's resolutions and
 comment: the same OpenJPEG encode as msnet's (bit-equal with the same libopenjp2 build); NumPy float64 noise;
-Pillow `ImageFilter.GaussianBlur` (box-filter approximation of a Gaussian, not the same pixels).
+Pillow `ImageFilter.GaussianBlur` (box-filter approximation of a Gaussian, not the same pixels); Pillow
+`save('WEBP', quality=Q, method=4)` and `save('AVIF', quality=Q, speed=msnet's, subsampling='4:2:0')` + open;
+JPEG XL has no Pillow plugin, so its plain loop is imagecodecs' `jpegxl_encode(distance=D)` with its defaults.
+
+`--avif-speeds`: AVIF at each libaom speed on the 32x32 set (img/s per core, PSNR, bpp at three qualities),
+the measurement `codecs.avif.SPEED` is chosen from.
 """
 
 from __future__ import annotations
@@ -35,14 +40,17 @@ import PIL
 from PIL import Image, ImageFilter
 
 from msnet import degradations as D
-from msnet.degradations import openjpeg
+from msnet.degradations import codecs
+from msnet.degradations.codecs import avif, openjpeg, webp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_results  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _CIFAR = [_REPO / "msnet/data/embedded/cifar10/test.tar.gz", _REPO.parent / "shared/data/cifar10/test.tar.gz"]
-SPECS = ("jpeg:10", "jpeg:90", "jp2k:10", "jp2k:100", "jp2k_psnr:30", "noise:10", "blur:1@4")
+SPECS = ("jpeg:10", "jpeg:90", "jp2k:10", "jp2k:100", "jp2k_psnr:30", "webp:10", "webp:75", "avif:10", "avif:60",
+         "jxl:8", "jxl:1", "noise:10", "blur:1@4")
+AVIF_QUALITIES = (10, 30, 60)
 
 
 def load_images(path: pathlib.Path, n32: int, n224: int) -> dict[str, list[np.ndarray]]:
@@ -72,6 +80,13 @@ def plain(spec: str, img: np.ndarray, index: int) -> tuple[np.ndarray, int | Non
     return _pil_roundtrip(img, format="JPEG2000", quality_mode=mode, quality_layers=[layer], irreversible=True,
                           mct=1, no_jp2=True, num_resolutions=openjpeg.num_resolutions(*img.shape[:2]),
                           comment=openjpeg.COMMENT.decode())
+  if isinstance(op, D.WebP):
+    return _pil_roundtrip(img, format="WEBP", quality=op.quality, method=webp.METHOD)
+  if isinstance(op, D.Avif):
+    return _pil_roundtrip(img, format="AVIF", quality=op.quality, speed=avif.SPEED, subsampling="4:2:0")
+  if isinstance(op, D.Jxl):
+    data = imagecodecs.jpegxl_encode(img, distance=op.distance)
+    return imagecodecs.jpegxl_decode(data), len(data)
   if isinstance(op, D.Noise):
     rng = np.random.default_rng([0, index])
     return np.clip(np.rint(img + rng.normal(0.0, op.sigma, img.shape)), 0, 255).astype(np.uint8), None
@@ -104,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--n32", type=int, default=200, help="32x32 images per round")
   ap.add_argument("--n224", type=int, default=8, help="224x224 images per set and round")
   ap.add_argument("--cifar", type=pathlib.Path, default=next((p for p in _CIFAR if p.exists()), _CIFAR[0]))
+  ap.add_argument("--avif-speeds", default="6,7,8,9,10", help="libaom speeds to compare on the 32x32 set")
   ap.add_argument("--out", type=pathlib.Path, default=_REPO / "benchmarks/results/degrade_codecs.json")
   args = ap.parse_args(argv)
 
@@ -134,12 +150,37 @@ def main(argv: list[str] | None = None) -> None:
           f"{m['img_per_s'] / q['img_per_s']:>7.2f}x   {m['mean_psnr']:>8.2f}/{q['mean_psnr']:<8.2f}   "
           f"{fmt(m['mean_bpp']):>7}/{fmt(q['mean_bpp']):<8}")
 
+  speeds = avif_speeds([int(s) for s in args.avif_speeds.split(",") if s], sets["32"], args.reps)
   write_results(args.out, dict(
       reps=args.reps, threads="1 (OPENBLAS/OMP/MKL_NUM_THREADS=1, imagecodecs numthreads=1)",
       machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count()),
-      versions=dict(imagecodecs=imagecodecs.__version__, openjpeg=openjpeg.version(),
-                    libjpeg_turbo=imagecodecs.jpeg8_version(), pillow=PIL.__version__, numpy=np.__version__),
-      rows=rows))
+      versions=dict(imagecodecs=imagecodecs.__version__, **codecs.versions(), openjpeg_c_api=openjpeg.version(),
+                    pillow=PIL.__version__, numpy=np.__version__),
+      rows=rows, avif_speeds=speeds, avif_speed_chosen=avif.SPEED))
+
+
+def avif_speeds(speeds: list[int], images: list[np.ndarray], reps: int) -> list[dict]:
+  """AVIF encode + decode at each libaom speed and a few qualities: the median img/s per core, PSNR, bpp."""
+  rows = []
+  for q in AVIF_QUALITIES:
+    for speed in speeds:
+      seconds, psnrs, bpps = [], [], []
+      for _ in range(reps):
+        psnrs, bpps = [], []
+        t0 = time.perf_counter()
+        for img in images:
+          data = imagecodecs.avif_encode(img, level=q, speed=speed, numthreads=1,
+                                         pixelformat=imagecodecs.AVIF.PIXEL_FORMAT.YUV420,
+                                         codec=imagecodecs.AVIF.CODEC_CHOICE.AOM)
+          psnrs.append(D.psnr(img, avif.decode(data)))
+          bpps.append(len(data) * 8 / (img.shape[0] * img.shape[1]))
+        seconds.append(time.perf_counter() - t0)
+      rows.append(dict(quality=q, speed=speed, img_per_s=len(images) / float(np.median(seconds)),
+                       mean_psnr=float(np.mean(psnrs)), mean_bpp=float(np.mean(bpps))))
+  print(f"\nAVIF on {len(images)} 32x32 images: {'quality':>7} {'speed':>5} {'img/s':>8} {'PSNR':>6} {'bpp':>6}")
+  for r in rows:
+    print(f"{'':<33}{r['quality']:>7} {r['speed']:>5} {r['img_per_s']:>8.0f} {r['mean_psnr']:>6.2f} {r['mean_bpp']:>6.2f}")
+  return rows
 
 
 if __name__ == "__main__":

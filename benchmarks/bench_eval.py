@@ -61,7 +61,7 @@ def write_workdir(c: Any, workdir: pathlib.Path, specs: list[str], images: int) 
     pixels = rng.integers(0, 256, (images, size, size, 3), dtype=np.uint8)
     records = [shards.encode_record(pixels[i], dict(
         label=int(rng.integers(0, c.data.num_classes)), spec=spec, bin=int(rng.integers(0, len(c.bins))),
-        bitstream_bin=int(rng.integers(0, len(c.bins))), index=i, psnr=30.0, bpp=1.0, jpeg_quality=-1,
+        bitstream_bin=int(rng.integers(0, len(c.bins))), index=i, psnr=30.0, bpp=1.0, level=None,
         ratio=None, codec=None)) for i in range(images)]
     out = shards.spec_dir(workdir, c.data.eval_split, spec)
     out.mkdir(parents=True)

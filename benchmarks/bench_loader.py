@@ -68,7 +68,7 @@ _HOST_PATH = textwrap.dedent("""
         ids = range(s * len(images) // k, (s + 1) * len(images) // k)
         shards.write_shard(d / shards.shard_name(s, k), (shards.encode_record(images[i], dict(
             label=int(labels[i]), spec="clean", bin=0, bitstream_bin=0, index=i, psnr=float("inf"), bpp=None,
-            jpeg_quality=-1, ratio=None, codec=None)) for i in ids))
+            level=None, ratio=None, codec=None)) for i in ids))
     mesh = parallel.make_mesh([("data", -1)])
     start = time.perf_counter()
     kw = {} if cache == "-" else {"host_cache": cache}

@@ -37,7 +37,7 @@ def _shards(workdir: pathlib.Path, n: int, size: int) -> None:
   d = shards.spec_dir(workdir, "train", "clean")
   d.mkdir(parents=True, exist_ok=True)
   records = [shards.encode_record(base[i], {"label": int(i % 10), "spec": "clean", "bin": 0, "bitstream_bin": 0,
-                                            "index": i, "psnr": float("inf"), "bpp": None, "jpeg_quality": -1,
+                                            "index": i, "psnr": float("inf"), "bpp": None, "level": None,
                                             "ratio": None, "codec": None}) for i in range(n)]
   shards.write_shard(d / shards.shard_name(0, 1), records)
 

@@ -9,7 +9,6 @@ depth the branches for JPEG 5-20 and JPEG 2000 12:1-24:1 from the baseline re-sp
 W/study/depth.md holds the table and figure (msnet/study.py).
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -17,17 +16,9 @@ import ml_collections
 from msnet import config as config_lib
 
 
-def _demo_config(arg: str | None) -> ml_collections.ConfigDict:
-  """configs/demo.py's config (the same arg: runlocal shrinks it as it shrinks the demo)."""
-  spec = importlib.util.spec_from_file_location("msnet_demo_config", pathlib.Path(__file__).with_name("demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg)
-  c = _demo_config(arg)
+  c = config_lib.config_file(pathlib.Path(__file__).with_name("demo.py"), arg)
   c.comparisons = ()                     # no DA / stability / DeepCloak / AlexNet: the study trains none of them
   c.stages.deepcloak.train_specs = ()    # so `msnet degrade` writes no shards for DeepCloak
   c.evaluate.methods = ("baseline", "branches", "ms", "ams", "oracle")

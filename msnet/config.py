@@ -7,8 +7,11 @@ fails with a message that names the field.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -265,6 +268,14 @@ def evaluated_methods(c: ml_collections.ConfigDict) -> list[str]:
   return methods
 
 
+def config_file(path: str | os.PathLike[str], arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of another config file: an experiment that extends another one reads it from here."""
+  spec = importlib.util.spec_from_file_location(f"msnet_config_{pathlib.Path(path).stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def parse_arg(arg: str | None, known: Sequence[str] = ("runlocal",)) -> dict[str, Any]:
   """`"runlocal,width=0.5"` -> {"runlocal": True, "width": "0.5"}: the config-file argument.
 
@@ -357,6 +368,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
         degradations.parse_bin_rule(rule)
       except ValueError as e:
         raise ConfigError(f"config.bins[{i}].match: {e}") from None
+    rate_kinds = {r.kind for r in map(degradations.parse_bin_rule, b.match) if r.rate}
+    for rule in b.match:
+      r = degradations.parse_bin_rule(rule)
+      codec = degradations.codecs.get(r.kind)
+      _check(r.rate or codec.reads_level or r.kind in rate_kinds, f"bins[{i}].match",
+             f"{codec.title} files do not carry their level, so the bitstream rule bins them by rate: add a "
+             f"'{r.kind}@bpp:lo-hi' rule beside {rule!r}")
   rules = [list(b.match) for b in c.bins]
   try:
     degradations.bins.check_disjoint(rules)

@@ -27,8 +27,8 @@ BITSTREAM_RULES = methods.names(bins="bitstream")  # the rules whose bins are re
 
 def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[pathlib.Path]:
   """The files named, and every image file under the directories named (recursive, sorted, hidden files
-  left out; image = a suffix Pillow reads or a JPEG 2000 one). A path that does not exist is refused."""
-  readable = {*PIL.Image.registered_extensions(), *reader.JPEG2000_SUFFIXES}
+  left out; image = a suffix Pillow reads or one of `degradations.codecs`). A path that does not exist is refused."""
+  readable = {*PIL.Image.registered_extensions(), *degradations.codecs.suffixes()}
   found: list[pathlib.Path] = []
   for p in map(pathlib.Path, paths):
     if p.is_dir():

@@ -151,6 +151,7 @@ def test_cli_degrade_split_over_two_machines_then_merge(tmp_path):
 # ---------------------------------------------------------------------------------------------- quality bins
 
 SCALE_STRONG_END = {"jpeg": 1.0, "jp2k": math.inf}  # JPEG quality 1 is the strongest; JPEG 2000 ratios grow
+QUALITY_SCALES = ("jpeg", "webp", "avif")  # lower is stronger; JPEG 2000 ratios and JPEG XL distances grow
 
 
 def _expected_bin(spec: str, bins) -> int:
@@ -160,13 +161,16 @@ def _expected_bin(spec: str, bins) -> int:
   def codec_bin(kind: str, level: float) -> int:
     for i, b in enumerate(bins):
       for rule in b.match:
+        if "@bpp" in rule:  # a rate rule bins files, never specs
+          continue
         rule_kind, lo, hi = re.fullmatch(r"(\w+):([\d.]+)-([\d.]+|inf)", rule).groups()
-        mild_end = float(hi) if rule_kind == "jpeg" else float(lo)
-        if rule_kind == kind and (level <= mild_end if kind == "jpeg" else level >= mild_end):
+        quality = rule_kind in QUALITY_SCALES
+        mild_end = float(hi) if quality else float(lo)
+        if rule_kind == kind and (level <= mild_end if quality else level >= mild_end):
           return i
     return 0
 
-  codecs = [op.split(":") for op in spec.split("+") if op.split(":")[0] in ("jpeg", "jp2k")]
+  codecs = [op.split(":") for op in spec.split("+") if op.split(":")[0] in ("jpeg", "jp2k", "webp", "avif", "jxl")]
   found = [codec_bin(kind, float(arg.split("@")[0])) for kind, arg in codecs]
   return next((b for b in reversed(found) if b), 0)
 

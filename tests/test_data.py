@@ -33,7 +33,7 @@ def _data_cfg(**overrides):
 
 def _meta(i, spec="clean", bin_=0):
   return {"label": i % 10, "spec": spec, "bin": bin_, "bitstream_bin": bin_, "index": i, "psnr": math.inf,
-          "bpp": None, "jpeg_quality": -1, "ratio": None, "codec": None}
+          "bpp": None, "level": None, "ratio": None, "codec": None}
 
 
 def _image(i):
@@ -62,12 +62,12 @@ def _index(images):
 def test_record_roundtrip():
   image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
   meta = {"label": 3, "spec": "jpeg:10", "bin": 1, "bitstream_bin": 1, "index": 42, "psnr": 27.5,
-          "bpp": 1.25, "jpeg_quality": 10, "ratio": 19.2, "codec": "jpeg"}
+          "bpp": 1.25, "level": 10.0, "ratio": 19.2, "codec": "jpeg"}
   r = shards.decode_record(shards.encode_record(image, meta))
   np.testing.assert_array_equal(r["image"], image)
   assert {k: r[k] for k in meta} == meta
   r = shards.decode_record(shards.encode_record(image, _meta(0)))
-  assert r["psnr"] == math.inf and math.isnan(r["bpp"]) and r["jpeg_quality"] == -1
+  assert r["psnr"] == math.inf and math.isnan(r["bpp"]) and math.isnan(r["level"])
   with pytest.raises(ValueError, match="uint8 HxWx3"):
     shards.encode_record(image[..., 0], meta)
 
@@ -97,16 +97,18 @@ def _encode_v1(image, meta):
 def test_record_layout_is_the_documented_fixed_header():
   """An independent parse (struct, the byte offsets of the format in shards.py) reads what was encoded."""
   image = np.random.default_rng(2).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-  meta = {"label": 3, "spec": "blur:1@4+jpeg:10", "bin": 1, "bitstream_bin": 2, "index": 2**40, "psnr": 27.5,
-          "bpp": 1.25, "jpeg_quality": 10, "ratio": 19.2, "codec": "jpeg"}
+  meta = {"label": 3, "spec": "blur:1@4+jpeg:10", "bin": 1, "bitstream_bin": 2, "index": 2**31 - 1,
+          "psnr": 27.5, "bpp": 1.25, "level": 10.0, "ratio": 19.2, "codec": "jpeg"}
   data = shards.encode_record(image, meta)
-  fields = struct.unpack_from("<4sHHHHHHiiiiqddd", data)
-  assert struct.calcsize("<4sHHHHHHiiiiqddd") == 64
-  assert fields == (b"MSNR", 2, 5, 7, 16, 4, 0, 3, 1, 2, 10, 2**40, 27.5, 1.25, 19.2)
+  fields = struct.unpack_from("<4sHHHHHHiiiidddd", data)
+  assert struct.calcsize("<4sHHHHHHiiiidddd") == 64
+  assert fields == (b"MSNR", 3, 5, 7, 16, 4, 0, 3, 1, 2, 2**31 - 1, 10.0, 27.5, 1.25, 19.2)
   assert data[64:64 + 105] == image.tobytes() and data[64 + 105:] == b"blur:1@4+jpeg:10jpeg"
   external = shards.decode_record(shards.encode_record(image, {"label": -1, "bin": 0, "bitstream_bin": 2}))
-  assert (external["spec"], external["index"], external["jpeg_quality"], external["codec"]) == ("", -1, -1, None)
+  assert (external["spec"], external["index"], external["codec"]) == ("", -1, None) and math.isnan(external["level"])
   assert math.isnan(external["psnr"]) and math.isnan(external["bpp"]) and math.isnan(external["ratio"])
+  with pytest.raises(ValueError, match=r"record index must be in \[-1, 2\*\*31\)"):
+    shards.encode_record(image, {**meta, "index": 2**31})
   with pytest.raises(ValueError, match=r"unknown keys \['lable'\], missing \['label'\]"):
     shards.encode_record(image, {"lable": 3, "bin": 0, "bitstream_bin": 0})
 
@@ -145,13 +147,17 @@ def test_old_format_shards_are_refused_with_the_rewrite_command(tmp_path):
   old = [_encode_v1(_image(i), _meta(i)) for i in range(3)]
   shards.write_shard(d / shards.shard_name(0, 1), old)
   with pytest.raises(shards.StaleRecordError, match=re.escape(
-      f"record format 1 (a JSON header per record); this msnet reads record format 2: rewrite the shards with "
+      f"record format 1 (a JSON header per record); this msnet reads record format 3: rewrite the shards with "
       f"`msnet degrade --workdir={tmp_path}`")):
     shards.open_shards(d)
   with pytest.raises(ValueError, match="record format 1"):
     shards.decode_batch(old, ["label"])
   with pytest.raises(ValueError, match="no MSNR magic"):
     shards.decode_record(b"\0" * 80)
+  version_2 = bytearray(shards.encode_record(_image(0), _meta(0)))
+  version_2[4:6] = (2).to_bytes(2, "little")
+  with pytest.raises(ValueError, match="record format 2; this msnet reads record format 3"):
+    shards.decode_record(bytes(version_2))
 
 
 def test_degrade_rewrites_old_format_shards_in_place(tmp_path, monkeypatch):
@@ -196,7 +202,7 @@ def test_write_and_open_shards(tmp_path):
   src = shards.open_shards(d)
   assert len(src) == 25
   r = src[13]
-  assert set(r) >= {"image", "label", "spec", "bin", "bitstream_bin", "index", "psnr", "bpp", "jpeg_quality"}
+  assert set(r) >= {"image", "label", "spec", "bin", "bitstream_bin", "index", "psnr", "bpp", "level"}
   assert r["image"].dtype == np.uint8 and r["image"].shape == (IMAGE, IMAGE, 3)
   assert (r["index"], r["label"], r["spec"], r["bin"]) == (13, 3, "jpeg:10", 1)
   assert [src[i]["index"] for i in range(25)] == list(range(25))  # source-index order

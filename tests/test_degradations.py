@@ -19,7 +19,8 @@ import scipy.ndimage
 from PIL import Image
 
 from msnet import degradations as D
-from msnet.degradations import codecs, openjpeg
+from msnet.degradations import codecs
+from msnet.degradations.codecs import openjpeg
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _CIFAR_TEST = [_REPO / "msnet/data/embedded/cifar10/test.tar.gz", _REPO.parent / "shared/data/cifar10/test.tar.gz"]
@@ -168,7 +169,7 @@ def test_jpeg_equals_pillow_exactly(sub, pil_sub):
       out, info = D.apply(f"jpeg:{q}{suffix}", img)
       ref, data = pillow_jpeg(img, q, pil_sub)
       np.testing.assert_array_equal(out, ref, err_msg=f"jpeg:{q}{suffix} {img.shape}")
-      assert info["jpeg_quality"] == q and info["codec"] == "jpeg"
+      assert info["level"] == q and info["codec"] == "jpeg"
       assert info["bpp"] == pytest.approx(len(data) * 8 / (img.shape[0] * img.shape[1]), rel=0.05)
 
 
@@ -187,7 +188,7 @@ def test_quality_of_fresh_jpeg_streams():
       assert D.estimate_jpeg_quality(codecs.jpeg_encode(img, q, sub)) == q
   for q in range(5, 96, 5):
     assert D.estimate_jpeg_quality(pillow_jpeg(img, q, 2)[1]) == q
-    assert D.apply(f"jpeg:{q}", img)[1]["jpeg_quality"] == q
+    assert D.apply(f"jpeg:{q}", img)[1]["level"] == q
 
 
 def test_quality_estimate_errors():
@@ -297,8 +298,7 @@ def test_jp2k_ratio_within_10_percent_at_224(ratio):
   for img in images:
     out, info = D.apply(f"jp2k:{ratio}", img)
     assert info["ratio"] == pytest.approx(ratio, rel=0.10)
-    assert info["codec"] == "jp2k" and info["jpeg_quality"] is None
-    assert info["ratio"] == pytest.approx(24 / info["bpp"])
+    assert info["codec"] == "jp2k" and info["level"] == pytest.approx(info["ratio"]) == pytest.approx(24 / info["bpp"])
     assert out.shape == img.shape and 10 < info["psnr"] < math.inf
 
 
@@ -433,15 +433,15 @@ def test_composition_order_and_manual_chains():
   np.testing.assert_array_equal(a, D.apply("jpeg:10", noisy)[0])
   # JPEG then noise: the documented generator keyed by the prefix "jpeg:10+noise:10" at position 1.
   np.testing.assert_array_equal(b, expected_noise(pillow_jpeg(img, 10, 2)[0], 10, 4, 9, "jpeg:10+noise:10", 1))
-  assert info_a["codec"] == info_b["codec"] == "jpeg" and info_a["jpeg_quality"] == info_b["jpeg_quality"] == 10
+  assert info_a["codec"] == info_b["codec"] == "jpeg" and info_a["level"] == info_b["level"] == 10
   assert info_b["psnr"] == pytest.approx(D.psnr(img, b))
   blurred = D.apply("blur:1", img)[0]
   np.testing.assert_array_equal(D.apply("blur:1@4+jp2k:10", img)[0], D.apply("jp2k:10", blurred)[0])
   _, info = D.apply("jpeg:10+jp2k:10", img)
-  assert info["codec"] == "jp2k" and info["jpeg_quality"] is None
+  assert info["codec"] == "jp2k" and info["level"] == pytest.approx(info["ratio"])
   out, info = D.apply("clean", img)
   np.testing.assert_array_equal(out, img)
-  assert out is not img and info == dict(psnr=math.inf, bpp=None, jpeg_quality=None, ratio=None, codec=None)
+  assert out is not img and info == dict(psnr=math.inf, bpp=None, level=None, ratio=None, codec=None, lossless=False)
 
 
 # ------------------------------------------------------------------------------------------------------- bins
@@ -482,9 +482,9 @@ def test_bin_of_bitstream():
     assert D.bin_of_bitstream(info, DEFAULT_BINS) == expected == D.bin_of(spec, DEFAULT_BINS), spec
   # A 32x32 JPEG at quality 2 read from its tables goes to the JPEG bin too, not to the clean one.
   _, info = D.apply("jpeg:2", cifar_images()[0])
-  assert info["jpeg_quality"] == 2 and D.bin_of_bitstream(info, DEFAULT_BINS) == 1
+  assert info["level"] == 2 and D.bin_of_bitstream(info, DEFAULT_BINS) == 1
   # A receiver of a 32x32 `jp2k:150` stream sees its real ratio (23-27:1, the size floor), not 150.
   _, info = D.apply("jp2k:150", cifar_images()[0])
   assert D.bin_of_bitstream(info, DEFAULT_BINS) == 0
-  assert D.bin_of_bitstream(dict(codec="jpeg", jpeg_quality=-1, bpp=float("nan")), DEFAULT_BINS) == 0
-  assert D.bin_of_bitstream(dict(codec=None, jpeg_quality=None, bpp=None), DEFAULT_BINS) == 0
+  assert D.bin_of_bitstream(dict(codec="jpeg", level=None, bpp=float("nan")), DEFAULT_BINS) == 0
+  assert D.bin_of_bitstream(dict(codec=None, level=None, bpp=None), DEFAULT_BINS) == 0

@@ -92,7 +92,7 @@ def test_records_and_manifest(inline_run):
       assert r["bin"] == degradations.bin_of(spec, rules)
       assert r["bitstream_bin"] == degradations.bin_of_bitstream(info, rules)
       assert r["psnr"] == pytest.approx(info["psnr"])
-  assert shards.open_shards(shards.spec_dir(w, "test", "jpeg:10"))[0]["jpeg_quality"] == 10
+  assert shards.open_shards(shards.spec_dir(w, "test", "jpeg:10"))[0]["level"] == 10
   assert len(shards.open_shards(shards.spec_dir(w, "train", "clean"))) == 40
 
 

@@ -67,7 +67,7 @@ def _write_shards(workdir: pathlib.Path, rng: np.random.Generator) -> dict[str, 
     data[spec] = d
     records = [shards.encode_record(images[i], dict(
         label=int(d["label"][i]), spec=spec, bin=int(d["bin"][i]), bitstream_bin=int(d["bitstream_bin"][i]),
-        index=i, psnr=float(d["psnr"][i]), bpp=None if spec == "clean" else 1.0, jpeg_quality=-1, ratio=None,
+        index=i, psnr=float(d["psnr"][i]), bpp=None if spec == "clean" else 1.0, level=None, ratio=None,
         codec=None)) for i in range(RECORDS)]
     out = shards.spec_dir(workdir, "test", spec)
     out.mkdir(parents=True)

@@ -244,7 +244,8 @@ def test_jp2_container_counts_the_codestream_only(tmp_path: pathlib.Path) -> Non
   (tmp_path / "x.jp2").write_bytes(jp2)
   read = files.read_image(tmp_path / "x.jp2")
   np.testing.assert_array_equal(read.image, codecs.jp2k_decode(codestream))
-  assert read.bitstream == {"codec": "jp2k", "bpp": len(codestream) * 8 / 64 ** 2}
+  bpp = len(codestream) * 8 / 64 ** 2
+  assert read.bitstream == {"codec": "jp2k", "level": 24 / bpp, "bpp": bpp}
 
 
 def test_any_batch_size_compiles_per_bucket_only(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

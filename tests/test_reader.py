@@ -103,7 +103,9 @@ def test_mutated_files_raise_only_corrupt_image_errors() -> None:
   seeds = {"bmp": _pil(image, "BMP"), "bmp8": _pil(image, "BMP", "P"), "png": _pil(image, "PNG"),
            "gif": _pil(image, "GIF"), "tiff": _pil(image, "TIFF"), "tiffz": _pil(image, "TIFF", compression="tiff_deflate"),
            "webp": _pil(image, "WEBP"), "ppm": _pil(image, "PPM"), "ico": _pil(image, "ICO"),
-           "jpg": codecs.jpeg_encode(image, 75, "420"), "j2k": codecs.jp2k_encode_ratio(image, 10)}
+           "jpg": codecs.jpeg_encode(image, 75, "420"), "j2k": codecs.jp2k_encode_ratio(image, 10),
+           "webp-vp8": codecs.encode("webp:50", image), "avif": codecs.encode("avif:50", image),
+           "jxl": codecs.encode("jxl:2", image), "jxl-lossless": codecs.encode("jxl:0", image)}
   rng = np.random.default_rng(0)
   decoded = 0
   for name, data in seeds.items():
@@ -142,7 +144,7 @@ def test_jpeg_orientation_keeps_the_bitstream() -> None:
   exif[reader.ORIENTATION_TAG] = 6
   data = _pil(_image(), "JPEG", quality=30, exif=exif.tobytes())
   f = reader.decode(data, "phone.jpg")
-  assert f.bitstream == {"codec": "jpeg", "jpeg_quality": 30}
+  assert f.bitstream == {"codec": "jpeg", "level": 30}
 
 
 def test_more_than_8_bits_scaled_by_depth() -> None:

@@ -65,7 +65,7 @@ def write_synthetic_shards(workdir: pathlib.Path, config) -> None:
         b = degradations.bin_of(spec, rules)
         records.append(shards.encode_record(out, {
             "label": int(labels[i]), "spec": str(degradations.parse(spec)), "bin": b, "bitstream_bin": b,
-            "index": i, "psnr": info["psnr"], "bpp": info["bpp"], "jpeg_quality": info["jpeg_quality"] or -1,
+            "index": i, "psnr": info["psnr"], "bpp": info["bpp"], "level": info["level"],
             "ratio": info["ratio"], "codec": info["codec"]}))
       d = shards.spec_dir(workdir, split, spec)
       d.mkdir(parents=True, exist_ok=True)

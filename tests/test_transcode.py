@@ -83,7 +83,7 @@ def test_chains_equal_pillow_and_report_the_last_encode():
   expected, data = pillow_jpeg(first, 90, 2)
   out, info = D.apply("jpeg:10+jpeg:90", img)
   np.testing.assert_array_equal(out, expected)
-  assert info["codec"] == "jpeg" and info["jpeg_quality"] == 90
+  assert info["codec"] == "jpeg" and info["level"] == 90
   assert info["bpp"] == len(data) * 8 / (32 * 32) and info["psnr"] == pytest.approx(D.psnr(img, expected))
 
   bicubic = Image.Resampling.BICUBIC
@@ -91,13 +91,13 @@ def test_chains_equal_pillow_and_report_the_last_encode():
   expected, data = pillow_jpeg(resized, 75, 2)
   out, info = D.apply("jpeg:10+resize:0.5+jpeg:75", img)
   np.testing.assert_array_equal(out, expected)
-  assert info["jpeg_quality"] == 75 and info["bpp"] == len(data) * 8 / (32 * 32)
+  assert info["level"] == 75 and info["bpp"] == len(data) * 8 / (32 * 32)
 
   jp2k, jp2k_info = D.apply("jp2k:20", img)
   expected, data = pillow_jpeg(jp2k, 90, 2)
   out, info = D.apply("jp2k:20+jpeg:90", img)
   np.testing.assert_array_equal(out, expected)
-  assert info["codec"] == "jpeg" and info["jpeg_quality"] == 90 and info["ratio"] == img.nbytes / len(data)
+  assert info["codec"] == "jpeg" and info["level"] == 90 and info["ratio"] == img.nbytes / len(data)
   assert info["ratio"] != jp2k_info["ratio"]
 
 
@@ -290,3 +290,37 @@ def test_transcode_section_only_with_the_sweep(tmp_path: pathlib.Path):
   # Without master.json the routing is unknown and said so; MS - bitstream is still computed.
   lines = report_transcode.transcode_section(rows, {"transcode": ["jpeg:10+jpeg:90"]}, None, boot, tmp_path)
   assert "- `jpeg:10+jpeg:90`: no routing results in W/eval/master.json." in lines
+
+
+@pytest.mark.parametrize("dx,dy", [(0, 0), (3, 5), (1, 0), (0, 7), (8, 8), (31, 2)])
+def test_shift_equals_a_crop_padded_by_its_edge(dx, dy):
+  """The documented border rule against NumPy's own crop and edge padding."""
+  image = cifar_images()[2]
+  out, info = D.apply(f"shift:{dx},{dy}", image)
+  reference = np.pad(image[dy:, dx:], ((0, dy), (0, dx), (0, 0)), mode="edge")
+  np.testing.assert_array_equal(out, reference)
+  assert info["codec"] is None and (info["psnr"] == math.inf) == (dx == dy == 0)
+
+
+def test_shift_grammar_and_refusals():
+  assert str(D.parse("jpeg:10+shift:3,5+jpeg:75")) == "jpeg:10+shift:3,5+jpeg:75"
+  assert D.spec_slug("jpeg:10+shift:3,5+jpeg:75") == "jpeg-10_shift-3c5_jpeg-75"
+  for bad in ("shift:3", "shift:-1,2", "shift:1.5,2", "shift:3,5@edge"):
+    with pytest.raises(ValueError, match="shift"):
+      D.parse(bad)
+  with pytest.raises(ValueError, match="crops the whole 32x32 image"):
+    D.apply("shift:32,0", cifar_images()[0])
+
+
+def test_misaligned_reencode_moves_the_grid_and_keeps_the_strong_bin():
+  """The second JPEG's grid off the first one's: other pixels than the aligned chain, shifting by a whole
+  block (8, 8) lines the grids up again, and the true bin is the strong first encode's."""
+  image = cifar_images()[4]
+  first = D.apply("jpeg:10", image)[0]
+  misaligned = D.apply("jpeg:10+shift:3,5+jpeg:75", image)[0]
+  np.testing.assert_array_equal(misaligned, D.apply("jpeg:75", D.apply("shift:3,5", first)[0])[0])
+  assert not np.array_equal(misaligned, D.apply("jpeg:10+jpeg:75", image)[0])
+  rules = [[], ["jpeg:1-20"]]
+  info = D.apply("jpeg:10+shift:3,5+jpeg:75", image)[1]
+  assert D.bin_of("jpeg:10+shift:3,5+jpeg:75", rules) == 1 and D.bin_of_bitstream(info, rules) == 0
+  assert D.bin_of("webp:10+jpeg:85", [[], ["jpeg:1-20"], ["webp:0-20", "webp@bpp:0-3"]]) == 2

@@ -439,9 +439,10 @@ def _part(degrade_cfg: ml_collections.ConfigDict) -> tuple[int, int, bool]:
 def _versions() -> dict[str, str]:
   import imagecodecs  # noqa: PLC0415
   import PIL  # noqa: PLC0415
-  codecs = imagecodecs.version(dict)
-  return {"imagecodecs": codecs["imagecodecs"], "libjpeg_turbo": codecs.get("libjpeg_turbo", ""),
-          "openjpeg": codecs.get("openjpeg", ""), "pillow": PIL.__version__, "numpy": np.__version__}
+
+  from msnet import degradations  # noqa: PLC0415
+  return {"imagecodecs": imagecodecs.__version__, **degradations.codecs.versions(), "pillow": PIL.__version__,
+          "numpy": np.__version__}
 
 
 # ---- running units (main process or spawned workers) ----
@@ -557,7 +558,7 @@ def _degrade_unit(unit: Unit, job: dict[str, Any]) -> dict[str, Any]:
       meta = {"label": item["label"], "spec": unit.spec, "bin": bin_,
               "bitstream_bin": degradations.bin_of_bitstream(info, job["rules"]), "index": i,
               "psnr": float(info["psnr"]), "bpp": _opt_float(info.get("bpp")),
-              "jpeg_quality": -1 if info.get("jpeg_quality") is None else int(info["jpeg_quality"]),
+              "level": _opt_float(info.get("level")),
               "ratio": _opt_float(info.get("ratio")), "codec": info.get("codec")}
       _accumulate(stats, meta)
       yield shards.encode_record(image, meta)

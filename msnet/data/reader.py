@@ -57,12 +57,12 @@ import PIL.Image
 
 from msnet import degradations, errors
 from msnet.degradations import codecs
+from msnet.degradations.codecs import boxes as boxes_lib
 
 JPEG_SOI = b"\xff\xd8"
 J2K_SOC = b"\xff\x4f\xff\x51"
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG2000_SUFFIXES = (".jp2", ".j2k", ".jpx", ".j2c", ".jpc")
 LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF", "PPM", "GIF", "TGA", "QOI")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: 1 GiB of 32-bit pixels / 4 / 3
 ORIENTATION_TAG = 0x0112
@@ -89,7 +89,7 @@ class ImageFile:
   """A decoded file: RGB uint8 pixels at the file's own size and what its bitstream says."""
   path: str
   image: np.ndarray
-  bitstream: dict[str, Any]  # codec ("jpeg" | "jp2k" | None), jpeg_quality, bpp: bin_of_bitstream's input
+  bitstream: dict[str, Any]  # codec (a codecs.CODECS name | None), level, bpp: bin_of_bitstream's input
   source: str                # how the bitstream rule got its bin, e.g. "bitstream: jpeg q=10"
 
 
@@ -220,26 +220,10 @@ def j2k_header(codestream: bytes) -> tuple[int, int, int, bool]:
   return x - x0, y - y0, max((s & 0x7F) + 1 for s in ssiz), any(s & 0x80 for s in ssiz)
 
 
-def _boxes(data: bytes) -> dict[bytes, bytes]:
-  """Top-level boxes of a JP2 file, type -> payload (the first of each type)."""
-  boxes, i = {}, 0
-  while i + 8 <= len(data):
-    length, kind, header = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8], 8
-    if length == 1:
-      length, header = int.from_bytes(data[i + 8:i + 16], "big"), 16
-    elif length == 0:
-      length = len(data) - i
-    if length < header or i + length > len(data):
-      raise ValueError(f"corrupt JP2 file: box {kind!r} at byte {i} runs past the end")
-    boxes.setdefault(kind, data[i + header:i + length])
-    i += length
-  return boxes
-
-
 def _codestream(data: bytes) -> bytes:
   """The J2K codestream of a raw codestream or a JP2 container, without COM segments."""
   if data.startswith(JP2_SIGNATURE):
-    boxes = _boxes(data)
+    boxes = boxes_lib.top_level(data, "JP2 file")
     if b"jp2c" not in boxes:
       raise ValueError("JP2 file without a contiguous codestream box (jp2c)")
     data = boxes[b"jp2c"]
@@ -270,8 +254,12 @@ def decode(data: bytes | memoryview, name: str, max_pixels: int = DEFAULT_MAX_PI
         raise CorruptImageError(f"{name}: signed JPEG 2000 samples: msnet reads unsigned images only")
       image = _rgb(to_8_bits(codecs.jp2k_decode(data), bits, name), name)
       bpp = len(codestream) * 8 / (image.shape[0] * image.shape[1])
-      return ImageFile(name, image, {"codec": "jp2k", "bpp": bpp}, f"bitstream: jp2k {24 / bpp:.1f}:1")
-  except (RuntimeError, ValueError) as e:  # imagecodecs' Jpeg8Error / Jpeg2kError; bad markers, JP2 boxes
+      level = codecs.get("jp2k").level(codestream, bpp)
+      return ImageFile(name, image, {"codec": "jp2k", "level": level, "bpp": bpp}, f"bitstream: jp2k {level:.1f}:1")
+    codec = codecs.sniff(data)
+    if codec is not None and codec.size is not None:
+      return _decode_codec(codec, data, name, max_pixels)
+  except (RuntimeError, ValueError) as e:  # imagecodecs' codec errors; bad markers, JP2 boxes, headers
     if isinstance(e, errors.UserError):
       raise
     raise CorruptImageError(f"{name}: cannot decode image: {e}") from None
@@ -292,7 +280,31 @@ def _decode_jpeg(data: bytes, name: str, max_pixels: int) -> ImageFile:
     image, _ = _decode_pillow(data, name, max_pixels)
   else:
     image = orient(_rgb(to_8_bits(codecs.jpeg_decode(data), header.precision, name), name), header.orientation)
-  return ImageFile(name, image, {"codec": "jpeg", "jpeg_quality": quality}, f"bitstream: jpeg q={quality}")
+  return ImageFile(name, image, {"codec": "jpeg", "level": float(quality)}, f"bitstream: jpeg q={quality}")
+
+
+def _decode_codec(codec: codecs.Codec, data: bytes, name: str, max_pixels: int) -> ImageFile:
+  """WebP, AVIF, JPEG XL: the registry's decoder (the one that made the shards), its header's size checked
+  first, samples scaled by their depth, the EXIF orientation applied where the decoder does not."""
+  _check_pixels(*codec.size(data), max_pixels, name)
+  samples = codec.decode(data)
+  image = _rgb(to_8_bits(samples, codec.bits(data) if samples.dtype != np.uint8 else 8, name), name)
+  if codec.orientation is not None:
+    image = orient(image, _guarded_orientation(codec, data, name))
+  bpp = len(data) * 8 / (image.shape[0] * image.shape[1])
+  if codec.lossless(data):
+    return ImageFile(name, image, {"codec": codec.name, "level": None, "bpp": bpp, "lossless": True},
+                     f"bitstream: lossless {codec.name}")
+  return ImageFile(name, image, {"codec": codec.name, "level": codec.level(data, bpp), "bpp": bpp},
+                   f"bitstream: {codec.name} {bpp:.2f} bpp")
+
+
+def _guarded_orientation(codec: codecs.Codec, data: bytes, name: str) -> int:
+  try:
+    return codec.orientation(data)
+  except Exception as e:  # noqa: BLE001 (Pillow's EXIF parser on untrusted bytes)
+    warnings.warn(f"{name}: unreadable EXIF block ({type(e).__name__}: {e}); orientation not applied", stacklevel=2)
+    return 1
 
 
 def _rgb(image: np.ndarray, name: str) -> np.ndarray:

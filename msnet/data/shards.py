@@ -10,23 +10,25 @@ of the train split, config.data.holdout_examples), `<spec_slug>` is `degradation
 of a spec holds the source records [F + k*R, F + (k+1)*R) (R = config.degrade.records_per_shard, F = 0 but
 for the holdout's first record) that decoded, so the shards of every spec of a split line up.
 
-Record format, version 2 (one ArrayRecord record per image; files written with `group_size:1` so any
+Record format, version 3 (one ArrayRecord record per image; files written with `group_size:1` so any
 record is read without decompressing its neighbours). A fixed 64-byte little-endian header (`HEADER`),
 so the loaders read the labels, bins and sizes of a whole batch as one NumPy view, with no per-record
 parse; then the pixels at a fixed offset; then the two strings:
-  bytes [0, 64)          magic b"MSNR", version (2), h, w, spec and codec string lengths, then
+  bytes [0, 64)          magic b"MSNR", version (3), h, w, spec and codec string lengths, then
                            label          class index (sorted class names of the source)
                            bin            quality bin of the spec by config.bins rules (the master's label)
                            bitstream_bin  bin a receiver infers from the bitstream (codec + estimated level)
-                           jpeg_quality   IJG quality estimated from the JPEG bitstream, -1 if the last codec is not JPEG
                            index          record index in the source split (-1: not from a source split)
+                           level          the last codec's level as a receiver reads it from the file, on the
+                                          bin rules' scale (JPEG: IJG quality of its tables; JPEG 2000: the
+                                          ratio); NaN: no codec, or a file that does not carry it
                            psnr           dB against the source image (inf when identical, NaN unknown)
                            bpp            bits per pixel of the last codec of the chain (NaN: none)
                            ratio          achieved compression ratio of the last codec (NaN: none)
   bytes [64, 64 + h*w*3) the degraded image, uint8 RGB, row-major (exactly what the network sees)
   then                   spec (canonical degradation spec string, e.g. "blur:1@4+jpeg:10") and codec
-                         ("jpeg", "jp2k"; empty: none), UTF-8
-Version 1 records (a JSON header per record) are refused with the command that rewrites them: the format
+                         (a `degradations.codecs.CODECS` name; empty: none), UTF-8
+Records of versions 1 (a JSON header per record) and 2 (an integer `jpeg_quality` in place of `level`) are refused with the command that rewrites them: the format
 version is part of every shard's fingerprint, so `msnet degrade` redoes them in place.
 
 A shard is written under a temporary name of its own writer (`<name>.tmp-<host>-<pid>-<random>`), closed,
@@ -54,13 +56,13 @@ import numpy as np
 
 from msnet import errors
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAGIC = b"MSNR"
 HEADER = np.dtype([
     ("magic", "S4"), ("version", "<u2"), ("h", "<u2"), ("w", "<u2"), ("spec_len", "<u2"), ("codec_len", "<u2"),
-    ("pad", "<u2"), ("label", "<i4"), ("bin", "<i4"), ("bitstream_bin", "<i4"), ("jpeg_quality", "<i4"),
-    ("index", "<i8"), ("psnr", "<f8"), ("bpp", "<f8"), ("ratio", "<f8")])
-INT_FIELDS = ("label", "bin", "bitstream_bin", "jpeg_quality", "index")  # decode_batch keys
+    ("pad", "<u2"), ("label", "<i4"), ("bin", "<i4"), ("bitstream_bin", "<i4"), ("index", "<i4"),
+    ("level", "<f8"), ("psnr", "<f8"), ("bpp", "<f8"), ("ratio", "<f8")])
+INT_FIELDS = ("label", "bin", "bitstream_bin", "index")  # decode_batch keys
 ARRAY_FIELDS = ("label", "bin", "bitstream_bin")                       # what read_arrays gives beside the images
 SHARD_SUFFIX = ".array_record"
 WRITER_OPTIONS = "group_size:1,zstd:3"
@@ -70,7 +72,7 @@ _CHUNK = 1024  # records per task of read_arrays: bounded temporary lists of byt
 _SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.array_record")
 _TEMP_RE = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
 _REQUIRED = ("label", "bin", "bitstream_bin")
-_DEFAULTS: dict[str, Any] = {"spec": "", "index": -1, "psnr": math.nan, "bpp": None, "jpeg_quality": -1,
+_DEFAULTS: dict[str, Any] = {"spec": "", "index": -1, "psnr": math.nan, "bpp": None, "level": None,
                              "ratio": None, "codec": None}
 
 
@@ -84,9 +86,9 @@ def read_threads() -> int:
 def encode_record(image: np.ndarray, meta: dict[str, Any]) -> bytes:
   """One record: fixed header, raw pixels, spec and codec strings.
 
-  `meta` needs label, bin and bitstream_bin; spec, index, psnr, bpp, jpeg_quality, ratio and codec may be
+  `meta` needs label, bin and bitstream_bin; spec, index, psnr, bpp, level, ratio and codec may be
   left out by records that come from no source split (an external set's files), and take their
-  "unknown" values (see the format above). None stands for "none" in bpp, ratio and codec.
+  "unknown" values (see the format above). None stands for "none" in bpp, level, ratio and codec.
   """
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
     raise ValueError(f"records hold uint8 HxWx3 images, got {image.dtype} {image.shape}")
@@ -95,10 +97,12 @@ def encode_record(image: np.ndarray, meta: dict[str, Any]) -> bytes:
   if unknown or missing:
     raise ValueError(f"record meta: unknown keys {sorted(unknown)}, missing {missing}")
   m = {**_DEFAULTS, **meta}
+  if not -1 <= m["index"] < 2 ** 31:
+    raise ValueError(f"record index must be in [-1, 2**31), got {m['index']}")
   spec, codec = str(m["spec"]).encode(), (m["codec"] or "").encode()
   header = np.zeros((), HEADER)
   header[()] = (MAGIC, FORMAT_VERSION, image.shape[0], image.shape[1], len(spec), len(codec), 0, m["label"],
-                m["bin"], m["bitstream_bin"], m["jpeg_quality"], m["index"], m["psnr"], _nan(m["bpp"]),
+                m["bin"], m["bitstream_bin"], m["index"], _nan(m["level"]), m["psnr"], _nan(m["bpp"]),
                 _nan(m["ratio"]))
   return header.tobytes() + np.ascontiguousarray(image).tobytes() + spec + codec
 
@@ -130,7 +134,7 @@ def _describe(data: bytes) -> str:
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-  """A record as the dict `open_shards` returns (bpp, ratio NaN when there is no codec; codec None)."""
+  """A record as the dict `open_shards` returns (bpp, level, ratio NaN when there is no codec; codec None)."""
   h = np.frombuffer(data, HEADER, count=1)
   check_headers(h)
   h = h[0]
@@ -142,7 +146,7 @@ def decode_record(data: bytes) -> dict[str, Any]:
   return {
       "image": image, "label": int(h["label"]), "spec": data[strings:spec_end].decode(), "bin": int(h["bin"]),
       "bitstream_bin": int(h["bitstream_bin"]), "index": int(h["index"]), "psnr": float(h["psnr"]),
-      "bpp": float(h["bpp"]), "jpeg_quality": int(h["jpeg_quality"]), "ratio": float(h["ratio"]),
+      "bpp": float(h["bpp"]), "level": float(h["level"]), "ratio": float(h["ratio"]),
       "codec": codec or None,
   }
 
@@ -446,7 +450,7 @@ def open_shards(path: str | os.PathLike[str]) -> ShardSource:
   """Records of a spec dir (all its shards, in source-index order) or of one shard file.
 
   `[i]` gives dict(image uint8 HxWx3, label, spec, bin, bitstream_bin, index, psnr, bpp (NaN if no
-  codec), jpeg_quality (-1 if none), ratio, codec).
+  codec), level (NaN if none), ratio, codec).
   """
   path = epath.Path(path)
   if path.is_dir():

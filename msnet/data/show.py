@@ -59,6 +59,6 @@ def _caption(r: dict[str, Any], class_names: list[str], bin_names: list[str]) ->
   psnr = "inf" if math.isinf(r["psnr"]) else f"{r['psnr']:.1f}"
   bpp = "raw" if math.isnan(r["bpp"]) else f"{r['bpp']:.2f}"
   lines = [f"{label} #{r['index']}", f"bin {bin_name}", f"PSNR {psnr} dB", f"{bpp} bpp"]
-  if r["jpeg_quality"] >= 0:
-    lines[-1] += f"  q~{r['jpeg_quality']}"
+  if math.isfinite(r["level"]):
+    lines[-1] += f"  level~{r['level']:g}"
   return lines

@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 
 from msnet.degradations import codecs
-from msnet.degradations.bitstream import estimate_jpeg_quality
 from msnet.degradations.noise_blur import add_noise, gaussian_blur, stable_key
-from msnet.degradations.resize import resize_round_trip
-from msnet.degradations.spec import Blur, Clean, Jp2k, Jp2kPsnr, Jpeg, Noise, Resize, Spec, parse
+from msnet.degradations.resize import crop_shift, resize_round_trip
+from msnet.degradations.spec import Blur, Clean, Noise, Resize, Shift, Spec, parse
 
 
 def as_rgb_uint8(image: Any) -> np.ndarray:
@@ -53,8 +52,10 @@ def apply(spec: str | Spec, image: np.ndarray, *, seed: int = 0, index: int = 0)
   """Degrade `image` by `spec` (left to right) -> (uint8 HxWx3, info).
 
   info: `psnr` (dB against the input, inf if unchanged); for the last codec of the chain, if any:
-  `codec` ("jpeg" | "jp2k"), `bpp` (codestream bits per pixel), `ratio` (raw RGB bytes / codestream
-  bytes) and, for JPEG, `jpeg_quality` estimated from the bitstream's quantization tables; None otherwise.
+  `codec` (its `codecs.CODECS` name), `bpp` (bits per pixel of the encoded file), `ratio` (raw RGB bytes /
+  file bytes) and `level`, what a receiver reads back from the bytes on the bin rules' scale (JPEG: the IJG
+  quality of the quantisation tables; JPEG 2000: the ratio; None where the file does not carry it); None
+  without a codec. `lossless`: the last encode was lossless (`jxl:0`), so a receiver bins it as clean.
   A chain that encodes more than once (`jpeg:10+resize:0.5+jpeg:75`) reports only its last encode, which is
   all a receiver of the file can read: the bitstream of `jpeg:10+jpeg:90` says quality 90.
   Noise depends only on (seed, index, the spec up to the noise op), never on process or call order.
@@ -64,7 +65,7 @@ def apply(spec: str | Spec, image: np.ndarray, *, seed: int = 0, index: int = 0)
     raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
   source = as_rgb_uint8(image)
   x = source
-  info: dict[str, Any] = dict(psnr=math.inf, bpp=None, jpeg_quality=None, ratio=None, codec=None)
+  info: dict[str, Any] = dict(psnr=math.inf, bpp=None, level=None, ratio=None, codec=None, lossless=False)
   for position, op in enumerate(spec.ops):
     if isinstance(op, Clean):
       continue
@@ -77,21 +78,17 @@ def apply(spec: str | Spec, image: np.ndarray, *, seed: int = 0, index: int = 0)
     if isinstance(op, Resize):
       x = resize_round_trip(x, op.factor, op.resample)
       continue
-    if isinstance(op, Jpeg):
-      data = codecs.jpeg_encode(x, op.quality, op.subsampling)
-      x = codecs.jpeg_decode(data)
-      info.update(codec="jpeg", jpeg_quality=estimate_jpeg_quality(data))
-    elif isinstance(op, Jp2k):
-      data = codecs.jp2k_encode_ratio(x, op.ratio)
-      x = codecs.jp2k_decode(data)
-      info.update(codec="jp2k", jpeg_quality=None)
-    elif isinstance(op, Jp2kPsnr):
-      data = codecs.jp2k_encode_psnr(x, op.psnr)
-      x = codecs.jp2k_decode(data)
-      info.update(codec="jp2k", jpeg_quality=None)
-    else:
+    if isinstance(op, Shift):
+      x = crop_shift(x, op.dx, op.dy)
+      continue
+    if op.codec is None:
       raise TypeError(f"unknown degradation op {op!r}")
-    info.update(bpp=len(data) * 8 / (x.shape[0] * x.shape[1]), ratio=x.nbytes / len(data))
+    codec = codecs.get(op.codec)
+    data = codec.encode(op, x)
+    x = codec.decode(data)
+    bpp = len(data) * 8 / (x.shape[0] * x.shape[1])
+    info.update(codec=codec.name, bpp=bpp, ratio=x.nbytes / len(data), level=codec.level(data, bpp),
+                lossless=codec.lossless(data))
   if x is source:
     x = source.copy()
   info["psnr"] = psnr(source, x)

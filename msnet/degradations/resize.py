@@ -1,4 +1,4 @@
-"""Scale an image and back with one of Pillow's filters: the resampling an image meets between two encodes."""
+"""What an image meets between two encodes: scaled and back with one of Pillow's filters, or cropped."""
 
 from __future__ import annotations
 
@@ -19,3 +19,15 @@ def resize_round_trip(image: np.ndarray, factor: float, resample: str) -> np.nda
   method = Image.Resampling[resample.upper()]
   small = Image.fromarray(image).resize(scaled_size(w, h, factor), method)
   return np.asarray(small.resize((w, h), method))
+
+
+def crop_shift(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+  """The image cropped by `dx` columns on the left and `dy` rows on the top, its last column and row repeated
+  to the original size: out[y, x] = image[min(y + dy, H - 1), min(x + dx, W - 1)]. A crop between two uploads
+  moves the second encode's 8x8 grid by (dx mod 8, dy mod 8) against the first one's."""
+  h, w = image.shape[:2]
+  if dx >= w or dy >= h:
+    raise ValueError(f"shift:{dx},{dy} crops the whole {w}x{h} image; shift by less than its width and height")
+  rows = np.minimum(np.arange(h) + dy, h - 1)
+  cols = np.minimum(np.arange(w) + dx, w - 1)
+  return np.ascontiguousarray(image[rows[:, None], cols[None, :]])

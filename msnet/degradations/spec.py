@@ -5,13 +5,20 @@ Grammar (ops compose left to right with `+`):
   `jpeg:Q` `jpeg:Q@444|422|420`  IJG quality Q in 1..100, chroma subsampling (default 4:2:0)
   `jp2k:R`                     JPEG 2000, 9/7 irreversible wavelet, target compression ratio R:1 (R > 1)
   `jp2k_psnr:P`                JPEG 2000 at OpenJPEG's fixed-quality target PSNR P dB (P > 0)
+  `webp:Q`                     lossy WebP at libwebp quality Q in 0..100 (0 strongest)
+  `avif:Q`                     AVIF at libavif quality Q in 0..100 (0 strongest, 100 lossless)
+  `jxl:D`                      JPEG XL at libjxl (butteraugli) distance D in [0, 25]: 0 lossless, 1 visually
+                               lossless (cjxl's default), 25 strongest
   `noise:S`                    additive Gaussian noise, sigma S >= 0 on the 0-255 scale
   `blur:S` `blur:S@R`          Gaussian blur, sigma S > 0, kernel radius R >= 1 (default 4, as in the paper)
+  `shift:DX,DY`                 crop DX >= 0 columns on the left and DY >= 0 rows on the top, then repeat the last
+                               column and row back to the original size (whole pixels: exact, no resampling)
   `resize:F` `resize:F@FILTER`  scale by F in (0, 4] with Pillow's FILTER, then back to the original size with
                                the same filter (default bicubic; nearest, box, bilinear, hamming, bicubic, lanczos)
 
 `resize` is what a photo meets between two encodes on the web (a thumbnail or a re-upload scaled down and shown
-at its old size), so chains such as `jpeg:10+resize:0.5+jpeg:75` can be written. The intermediate size is
+at its old size), so chains such as `jpeg:10+resize:0.5+jpeg:75` can be written. `shift` is a crop between two uploads: it
+moves the second encode's 8x8 grid off the first one's (`jpeg:10+shift:3,5+jpeg:75`). The intermediate size is
 round-half-up(F x side), at least 1 pixel; both steps are Pillow's `Image.resize` on the RGB image with the named
 filter (`resize:0.5` = bicubic to half size, bicubic back), so the pixels equal Pillow's exactly and no random
 numbers are involved. F > 1 scales up first and back down (an interpolation round trip); F = 1 is the identity.
@@ -32,6 +39,7 @@ from typing import ClassVar, Union
 SUBSAMPLINGS = ("420", "422", "444")
 RESIZE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")  # Pillow's Resampling names
 MAX_RESIZE_FACTOR = 4.0  # up to 16x the pixels in the intermediate image; more is no longer a round trip
+MAX_JXL_DISTANCE = 25.0  # libjxl refuses larger distances
 
 
 def _num(x: float) -> str:
@@ -54,6 +62,12 @@ def _set_level(op: object, field: str, what: str, low: float, strict: bool = Tru
 class Clean:
   """The identity: the source pixels."""
   name: ClassVar[str] = "clean"
+  codec: ClassVar[str | None] = None
+  grammar: ClassVar[str] = "clean"
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Clean:
+    return cls()
 
   def __str__(self) -> str:
     return "clean"
@@ -65,6 +79,19 @@ class Jpeg:
   quality: int
   subsampling: str = "420"
   name: ClassVar[str] = "jpeg"
+  codec: ClassVar[str | None] = "jpeg"
+  grammar: ClassVar[str] = "jpeg:Q[@420|422|444]"
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Jpeg:
+    if not re.fullmatch(r"[0-9]+", level):
+      raise ValueError(f"jpeg quality must be an integer in 1..100, got {level!r}")
+    return cls(int(level), "420" if option is None else option)
+
+  @property
+  def level(self) -> float:
+    """The bin rules' scale: IJG quality (1 strongest)."""
+    return float(self.quality)
 
   def __post_init__(self):
     if isinstance(self.quality, bool) or not float(self.quality).is_integer() or not 1 <= self.quality <= 100:
@@ -82,6 +109,17 @@ class Jp2k:
   """JPEG 2000 (9/7 irreversible) rate-controlled to compression ratio `ratio`:1 (raw RGB bytes / codestream)."""
   ratio: float
   name: ClassVar[str] = "jp2k"
+  codec: ClassVar[str | None] = "jp2k"
+  grammar: ClassVar[str] = "jp2k:R"
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Jp2k:
+    return cls(float(level))
+
+  @property
+  def level(self) -> float:
+    """The bin rules' scale: the compression ratio (higher is stronger)."""
+    return self.ratio
 
   def __post_init__(self):
     _set_level(self, "ratio", "jp2k ratio", 1)
@@ -95,6 +133,17 @@ class Jp2kPsnr:
   """JPEG 2000 (9/7 irreversible) at OpenJPEG's fixed-quality target PSNR `psnr` dB."""
   psnr: float
   name: ClassVar[str] = "jp2k_psnr"
+  codec: ClassVar[str | None] = "jp2k"
+  grammar: ClassVar[str] = "jp2k_psnr:P"
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Jp2kPsnr:
+    return cls(float(level))
+
+  @property
+  def level(self) -> None:
+    """No ratio is set, so no bin rule matches (the achieved ratio depends on the image)."""
+    return None
 
   def __post_init__(self):
     _set_level(self, "psnr", "jp2k_psnr target", 0, unit=" dB")
@@ -108,6 +157,12 @@ class Noise:
   """Additive Gaussian noise, sigma on the 0-255 scale, rounded and clipped to uint8."""
   sigma: float
   name: ClassVar[str] = "noise"
+  codec: ClassVar[str | None] = None
+  grammar: ClassVar[str] = "noise:S"
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Noise:
+    return cls(float(level))
 
   def __post_init__(self):
     _set_level(self, "sigma", "noise sigma", 0, strict=False)
@@ -122,6 +177,14 @@ class Blur:
   sigma: float
   radius: int = 4
   name: ClassVar[str] = "blur"
+  codec: ClassVar[str | None] = None
+  grammar: ClassVar[str] = "blur:S[@R]"
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Blur:
+    if option is not None and not re.fullmatch(r"[0-9]+", option):
+      raise ValueError(f"blur radius must be an integer >= 1, got {option!r}")
+    return cls(float(level), 4 if option is None else int(option))
 
   def __post_init__(self):
     _set_level(self, "sigma", "blur sigma", 0)
@@ -139,6 +202,12 @@ class Resize:
   factor: float
   resample: str = "bicubic"
   name: ClassVar[str] = "resize"
+  codec: ClassVar[str | None] = None
+  grammar: ClassVar[str] = "resize:F[@FILTER]"
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Resize:
+    return cls(float(level), "bicubic" if option is None else option)
 
   def __post_init__(self):
     _set_level(self, "factor", "resize factor", 0)
@@ -151,8 +220,116 @@ class Resize:
     return f"resize:{_num(self.factor)}" + ("" if self.resample == "bicubic" else f"@{self.resample}")
 
 
-Op = Union[Clean, Jpeg, Jp2k, Jp2kPsnr, Noise, Blur, Resize]
-CODECS = (Jpeg, Jp2k, Jp2kPsnr)
+def _check_quality(op: object, what: str, low: int) -> None:
+  """Stores op.quality as an int after checking it is an integer in low..100."""
+  q = op.quality
+  if isinstance(q, bool) or not float(q).is_integer() or not low <= q <= 100:
+    raise ValueError(f"{what} quality must be an integer in {low}..100, got {q!r}")
+  object.__setattr__(op, "quality", int(q))
+
+
+def _quality_text(level: str, what: str, low: int) -> int:
+  if not re.fullmatch(r"[0-9]+", level):
+    raise ValueError(f"{what} quality must be an integer in {low}..100, got {level!r}")
+  return int(level)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quality:
+  """A codec at an integer quality 0..100 (0 strongest) of its library's own scale."""
+  quality: int
+  name: ClassVar[str] = ""
+  codec: ClassVar[str | None] = None
+
+  def __post_init__(self):
+    _check_quality(self, self.name, 0)
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> _Quality:
+    return cls(_quality_text(level, cls.name, 0))
+
+  @property
+  def level(self) -> float:
+    """The bin rules' scale: the library's quality (0 strongest)."""
+    return float(self.quality)
+
+  def __str__(self) -> str:
+    return f"{self.name}:{self.quality}"
+
+
+@dataclasses.dataclass(frozen=True)
+class WebP(_Quality):
+  """Lossy WebP (VP8) at libwebp quality `quality` 0..100 (0 strongest), libwebp's default method 4."""
+  name: ClassVar[str] = "webp"
+  codec: ClassVar[str | None] = "webp"
+  grammar: ClassVar[str] = "webp:Q"
+
+
+@dataclasses.dataclass(frozen=True)
+class Avif(_Quality):
+  """AVIF (AV1 intra, 8-bit 4:2:0) at libavif quality `quality` 0..100 (0 strongest, 100 lossless)."""
+  name: ClassVar[str] = "avif"
+  codec: ClassVar[str | None] = "avif"
+  grammar: ClassVar[str] = "avif:Q"
+
+
+@dataclasses.dataclass(frozen=True)
+class Jxl:
+  """JPEG XL at libjxl butteraugli distance `distance` in [0, 25] (0 lossless, 1 visually lossless, 25 strongest)."""
+  distance: float
+  name: ClassVar[str] = "jxl"
+  codec: ClassVar[str | None] = "jxl"
+  grammar: ClassVar[str] = "jxl:D"
+
+  def __post_init__(self):
+    _set_level(self, "distance", "jxl distance", 0, strict=False)
+    if self.distance > MAX_JXL_DISTANCE:
+      raise ValueError(f"jxl distance must be <= {_num(MAX_JXL_DISTANCE)} (libjxl's maximum), got {self.distance!r}")
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Jxl:
+    return cls(float(level))
+
+  @property
+  def level(self) -> float:
+    """The bin rules' scale: the distance (higher is stronger)."""
+    return self.distance
+
+  def __str__(self) -> str:
+    return f"jxl:{_num(self.distance)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shift:
+  """Crop `dx` columns on the left and `dy` rows on the top, repeat the last column and row to the old size."""
+  dx: int
+  dy: int
+  name: ClassVar[str] = "shift"
+  codec: ClassVar[str | None] = None
+  grammar: ClassVar[str] = "shift:DX,DY"
+  level_pattern: ClassVar[str] = r"[0-9]+,[0-9]+"
+
+  def __post_init__(self):
+    for field in ("dx", "dy"):
+      v = getattr(self, field)
+      if isinstance(v, bool) or not float(v).is_integer() or v < 0:
+        raise ValueError(f"shift {field} must be an integer >= 0 (whole pixels), got {v!r}")
+      object.__setattr__(self, field, int(v))
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> Shift:
+    dx, dy = level.split(",")
+    return cls(int(dx), int(dy))
+
+  def __str__(self) -> str:
+    return f"shift:{self.dx},{self.dy}"
+
+
+Op = Union[Clean, Jpeg, Jp2k, Jp2kPsnr, WebP, Avif, Jxl, Noise, Blur, Resize, Shift]
+# The grammar: every op by its name. An op whose `codec` is set encodes through that entry of
+# `degradations.codecs.CODECS`; its `level` is what the bin rules match.
+OPS: dict[str, type] = {op.name: op for op in (Clean, Jpeg, Jp2k, Jp2kPsnr, WebP, Avif, Jxl, Noise, Blur, Resize,
+                                                Shift)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,45 +348,33 @@ class Spec:
     return Spec(self.ops + parse(other).ops)
 
   @property
-  def last_codec(self) -> Jpeg | Jp2k | Jp2kPsnr | None:
+  def last_codec(self) -> Op | None:
     """The last compression op of the chain (what a receiver's bitstream shows), or None."""
-    return next((op for op in reversed(self.ops) if isinstance(op, CODECS)), None)
+    return next((op for op in reversed(self.ops) if op.codec is not None), None)
 
 
 _NUMBER = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
-_KNOWN = "clean, jpeg:Q[@420|422|444], jp2k:R, jp2k_psnr:P, noise:S, blur:S[@R], resize:F[@FILTER]"
+_KNOWN = ", ".join(op.grammar for op in OPS.values())
 
 
 def _parse_op(token: str, spec: str) -> Op:
   name, colon, arg = token.partition(":")
   where = f"in spec {spec!r}"
-  if name == "clean":
+  op = OPS.get(name)
+  if op is None:
+    raise ValueError(f"unknown degradation {name!r} {where}; known: {_KNOWN}")
+  if op is Clean:
     if colon:
       raise ValueError(f"'clean' takes no level, got {token!r} {where}")
     return Clean()
-  if name not in ("jpeg", "jp2k", "jp2k_psnr", "noise", "blur", "resize"):
-    raise ValueError(f"unknown degradation {name!r} {where}; known: {_KNOWN}")
-  level, at, extra = arg.partition("@")
-  if not re.fullmatch(_NUMBER, level):
-    raise ValueError(f"{name} needs a non-negative number level ({name}:<level>), got {token!r} {where}")
-  if at and name not in ("jpeg", "blur", "resize"):
+  level, at, option = arg.partition("@")
+  if not re.fullmatch(getattr(op, "level_pattern", _NUMBER), level):
+    what = "two whole numbers of pixels" if op is Shift else "a non-negative number level"
+    raise ValueError(f"{name} needs {what} ({op.grammar}), got {token!r} {where}")
+  if at and "@" not in op.grammar:
     raise ValueError(f"{name} takes no '@' option, got {token!r} {where}")
   try:
-    if name == "jpeg":
-      if not re.fullmatch(r"[0-9]+", level):
-        raise ValueError(f"jpeg quality must be an integer in 1..100, got {level!r}")
-      return Jpeg(int(level), extra if at else "420")
-    if name == "jp2k":
-      return Jp2k(float(level))
-    if name == "jp2k_psnr":
-      return Jp2kPsnr(float(level))
-    if name == "noise":
-      return Noise(float(level))
-    if name == "resize":
-      return Resize(float(level), extra if at else "bicubic")
-    if at and not re.fullmatch(r"[0-9]+", extra):
-      raise ValueError(f"blur radius must be an integer >= 1, got {extra!r}")
-    return Blur(float(level), int(extra) if at else 4)
+    return op.from_text(level, option if at else None)
   except ValueError as e:
     raise ValueError(f"{e} (token {token!r} {where})") from None
 
@@ -245,4 +410,4 @@ def spec_slug(spec: str | Spec) -> str:
     level, at, option = rest.partition("@")
     sep = {"blur": "r", "jpeg": "s", "resize": "f"}.get(name, "") if at else ""
     parts.append(_SLUG_OP.get(name, name) + (f"-{level}{sep}{option}" if rest else ""))
-  return "_".join(parts).replace(".", "p").replace("+", "")
+  return "_".join(parts).replace(".", "p").replace(",", "c").replace("+", "")

@@ -1,14 +1,9 @@
-"""Real JPEG and JPEG 2000 encode/decode: libjpeg-turbo through imagecodecs, OpenJPEG through its C API.
+"""JPEG 2000: OpenJPEG through its C API (`openjpeg`), decoded by `imagecodecs.jpeg2k_decode`.
 
-JPEG: libjpeg-turbo via `imagecodecs.jpeg8_encode(level=Q, subsampling=...)`, the same library and
-settings as Pillow's `save(format='JPEG', quality=Q, subsampling=...)` (islow DCT, no optimised Huffman
-tables, fancy upsampling on decode), so the pixels equal Pillow's bit for bit.
-
-JPEG 2000: OpenJPEG through `msnet.degradations.openjpeg` (its C API on the libopenjp2 that imagecodecs
-bundles), always the irreversible 9/7 wavelet with the RGB->YCC component transform, one quality
-layer, and a raw J2K codestream (no JP2 container). `jp2k:R` uses OpenJPEG's own rate allocation,
-`jp2k_psnr:P` its fixed-quality mode: one encode each. The COM segment is removed, so the size, bpp
-and ratio count exactly the bytes a decoder needs. Decoding: `imagecodecs.jpeg2k_decode`.
+Always the irreversible 9/7 wavelet with the RGB->YCC component transform, one quality layer, and a raw J2K
+codestream (no JP2 container). `jp2k:R` uses OpenJPEG's own rate allocation, `jp2k_psnr:P` its fixed-quality
+mode: one encode each. The COM segment is removed, so the size, bpp and ratio count exactly the bytes a
+decoder needs. A receiver reads the ratio back from the rate: 24 / bpp for 8-bit RGB.
 """
 
 from __future__ import annotations
@@ -16,20 +11,15 @@ from __future__ import annotations
 import imagecodecs
 import numpy as np
 
-from msnet.degradations import openjpeg
+from msnet.degradations.codecs import openjpeg
 
-
-def jpeg_encode(image: np.ndarray, quality: int, subsampling: str) -> bytes:
-  return imagecodecs.jpeg8_encode(image, level=quality, subsampling=subsampling)
-
-
-def jpeg_decode(data: bytes) -> np.ndarray:
-  return imagecodecs.jpeg8_decode(data)
+SOC = b"\xff\x4f\xff\x51"
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 
 def strip_com(codestream: bytes) -> bytes:
   """The J2K codestream without COM segments in its main header (comments; no decoder reads them)."""
-  if codestream[:4] != b"\xff\x4f\xff\x51":
+  if codestream[:4] != SOC:
     raise ValueError("expected a J2K codestream starting with SOC, SIZ")
   out, i = [codestream[:2]], 2
   while codestream[i:i + 2] != b"\xff\x90":  # up to the first tile-part (SOT)
@@ -44,12 +34,12 @@ def strip_com(codestream: bytes) -> bytes:
   return b"".join(out)
 
 
-def jp2k_encode_psnr(image: np.ndarray, psnr: float) -> bytes:
+def encode_psnr(image: np.ndarray, psnr: float) -> bytes:
   """OpenJPEG fixed-quality encode at target PSNR `psnr` dB (the pixels of imagecodecs' `level=psnr`)."""
   return strip_com(openjpeg.encode(image, psnr=psnr))
 
 
-def jp2k_encode_ratio(image: np.ndarray, ratio: float) -> bytes:
+def encode_ratio(image: np.ndarray, ratio: float) -> bytes:
   """OpenJPEG's rate allocation for image.nbytes / ratio bytes, in one encode (`opj_compress -r ratio`).
 
   After tier-1 coding OpenJPEG keeps the coding passes of highest distortion-rate slope that fit the
@@ -68,5 +58,10 @@ def jp2k_encode_ratio(image: np.ndarray, ratio: float) -> bytes:
   return strip_com(openjpeg.encode(image, ratio=ratio))
 
 
-def jp2k_decode(data: bytes) -> np.ndarray:
+def decode(data: bytes) -> np.ndarray:
   return imagecodecs.jpeg2k_decode(data, numthreads=1)
+
+
+def level(data: bytes, bpp: float) -> float | None:
+  """The compression ratio a receiver reads from the rate: 24 bits of RGB per pixel over the codestream's."""
+  return 24.0 / bpp if bpp > 0 else None

@@ -1,0 +1,55 @@
+r"""The reproduction's network on the codecs the web serves: JPEG, JPEG 2000, WebP, AVIF and JPEG XL.
+
+  msnet run --config=configs/cifar10_web.py --workdir=runs/web                # bins, branches, master, sweeps
+  msnet evaluate --config=configs/cifar10_web.py:measure --workdir=runs/web   # baseline-only sweeps (bin choice)
+  msnet run --config=configs/cifar10_web.py:runlocal --workdir=/tmp/web       # the pipeline in about a minute
+
+configs/cifar10_repro.py's data, network and training lengths (its baseline can be shared: DONE.json), with a
+branch and a bin per codec. No comparison methods (DA, stability, DeepCloak): the question here is the codecs.
+
+Bins. The strong end of each web codec is the range of levels where the baseline loses about what it loses
+at JPEG 5-20, read from `:measure` (the baseline alone over every codec's full sweep, 10,000 test images;
+benchmarks/results/web/README.md has the table the levels below come from). Files of WebP, AVIF and JPEG XL do
+not store the encoder's quality setting, so a receiver bins them by rate (`codec@bpp` rules): a file at or
+under the median bits per pixel of the bin's weakest training level, measured on the same images.
+"""
+
+import pathlib
+
+import ml_collections
+
+from msnet import config as config_lib
+
+# (name, level rule, train specs, rate rule for files): the measurement in the module docstring.
+WEB_BINS = (
+    ("webp", "webp:0-20", ("webp:0", "webp:5", "webp:10", "webp:20"), "webp@bpp:0-2.75"),
+    ("avif", "avif:0-20", ("avif:0", "avif:5", "avif:10", "avif:20"), "avif@bpp:0-2.95"),
+    ("jxl", "jxl:8-25", ("jxl:8", "jxl:12", "jxl:16", "jxl:25"), "jxl@bpp:0-1.55"),
+)
+
+
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg, known=("runlocal", "measure"))
+  repro = pathlib.Path(__file__).with_name("cifar10_repro.py")
+  c = config_lib.config_file(repro, "runlocal" if args.get("runlocal") else None)
+  c.comparisons = ()
+  c.stages.deepcloak.train_specs = ()
+  c.sweeps.webp = tuple(f"webp:{q}" for q in (0, 5, 10, 20, 30, 50, 75, 90))
+  c.sweeps.avif = tuple(f"avif:{q}" for q in (0, 5, 10, 20, 30, 50, 75, 90))
+  c.sweeps.jxl = tuple(f"jxl:{d}" for d in (1, 2, 4, 6, 8, 12, 16, 25))
+  if args.get("measure"):  # the baseline over every sweep, before the web bins exist (no shards for them)
+    c.evaluate.sweeps = ("clean", "jpeg", "jp2k", "webp", "avif", "jxl")
+    c.evaluate.methods = ("baseline",)
+    return c
+  for name, rule, train_specs, rate_rule in WEB_BINS:
+    c.bins.append(ml_collections.ConfigDict(dict(name=name, match=(rule, rate_rule), train_specs=train_specs)))
+  if args.get("runlocal"):
+    for b in c.bins:
+      b.train_specs = b.train_specs[:1]
+  # The misaligned re-encodes of the web (issue 19, part 3), beside the aligned ones and their single encodes.
+  c.sweeps.transcode = tuple(c.sweeps.transcode) + (
+      "jpeg:10+shift:3,5+jpeg:75", "jpeg:10+jpeg:75", "jpeg:75", "webp:10+jpeg:85", "webp:10",
+      "jpeg:10+shift:4,4+jpeg:75", "avif:10+jpeg:85", "jxl:16+jpeg:85", "jpeg:85")
+  c.evaluate.sweeps = ("clean", "jpeg", "jp2k", "webp", "avif", "jxl", "transcode")
+  c.evaluate.methods = ("baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid")
+  return c
