@@ -157,3 +157,46 @@ def test_web_suffixes_are_listed_for_predict(tmp_path):
   for spec in WEB:
     (tmp_path / f"a.{codecs.get(spec.split(':')[0]).suffixes[0][1:]}").write_bytes(codecs.encode(spec, image))
   assert sorted(p.name for p in files.find_images([tmp_path])) == ["a.avif", "a.jxl", "a.webp"]
+
+
+def _synthetic_rows(n: int = 400):
+  """Per-image correctness of a few methods on specs of two codecs, and the rows `msnet evaluate` writes."""
+  from msnet.evaluate import results  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  accuracy = {"clean": 0.9, "jpeg:10": 0.5, "jpeg:20": 0.6, "webp:10": 0.7, "webp:50": 0.85,
+              "jpeg:10+shift:3,5+jpeg:75": 0.55, "jpeg:10+jpeg:75": 0.5}
+  bpp = {"clean": None, "jpeg:10": 5.0, "jpeg:20": 6.0, "webp:10": 4.8, "webp:50": 9.0,
+         "jpeg:10+shift:3,5+jpeg:75": 9.5, "jpeg:10+jpeg:75": 9.4}
+  correct, rows = {}, []
+  for spec, p in accuracy.items():
+    for method, gain in (("baseline", 0.0), ("ms", 0.1), ("oracle", 0.12), ("bitstream", 0.05),
+                         ("branch_jpeg", 0.1), ("branch_webp", 0.1)):
+      c = rng.random(n) < min(1.0, p + gain)
+      correct[(method, spec)] = c
+      lo, hi = results.wilson(int(c.sum()), n)
+      rows.append(dict(method=method, spec=spec, **results.spec_fields(spec), top1=float(c.mean()), n=n,
+                       ci95_low=lo, ci95_high=hi, psnr=30.0, bpp=bpp[spec]))
+  return rows, correct
+
+
+def test_codec_section_tables_the_strong_end_and_compares_at_equal_bits(tmp_path):
+  import ml_collections  # noqa: PLC0415
+  from msnet.report import codecs as report_codecs, run as report_run, transcode  # noqa: PLC0415
+  rows, correct = _synthetic_rows()
+  bins = [ml_collections.ConfigDict(dict(name=name, match=match)) for name, match in
+          (("clean", ()), ("jpeg", ("jpeg:1-20",)), ("webp", ("webp:0-20", "webp@bpp:0-5")))]
+  boot = report_run.bootstrap_of(rows, correct)
+  strong = report_codecs.strong_end_rows(rows, bins)
+  assert [r["spec"] for r in strong] == ["jpeg:10", "jpeg:20", "webp:10"]  # webp:50 is outside its bin
+  webp10 = strong[2]
+  own = np.mean(correct[("branch_webp", "webp:10")]) * 100
+  assert webp10["branch"] == pytest.approx(own) and webp10["branch_lo"] < own < webp10["branch_hi"]
+  equal = report_codecs.equal_bits_rows(rows, bins, boot)
+  assert [(r["jpeg_spec"], r["spec"]) for r in equal] == [("jpeg:10", "webp:10"), ("jpeg:20", "webp:10")]
+  expected = 100 * (np.mean(correct[("baseline", "webp:10")]) - np.mean(correct[("baseline", "jpeg:10")]))
+  assert equal[0]["baseline_minus_jpeg"] == pytest.approx(expected) and equal[0]["lo"] < expected < equal[0]["hi"]
+  lines = report_codecs.codec_section(rows, bins, boot, tmp_path)
+  assert (tmp_path / "rate_accuracy.png").exists() and (tmp_path / "codecs.csv").exists()
+  assert any("`webp:10`" in line for line in lines)
+  shifted = transcode.misaligned(rows, ["jpeg:10+shift:3,5+jpeg:75", "jpeg:10+jpeg:75"], boot)
+  assert len(shifted) == 1 and "`jpeg:10+shift:3,5+jpeg:75` - `jpeg:10+jpeg:75`" in shifted[0]

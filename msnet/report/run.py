@@ -14,6 +14,7 @@ from msnet import errors
 from msnet.report import figures, stats, tables
 from msnet.report.beyond import beyond_section
 from msnet.report.claims import claims_section
+from msnet.report.codecs import codec_section
 from msnet.report.external import external_sections
 from msnet.report.sections import (TABLE1_FIELDS, ce_section, figure, master_section, n_text, pct, plural,
                                    sweep_tables, table1_section, table1_with_intervals, wall_section, write_csv)
@@ -94,6 +95,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: Any) -> pathlib.Path:
   lines += ce_section(rows, sweeps, out)
   master = _read_json(workdir / "eval" / "master.json")
   lines += transcode_section(rows, sweeps, master, boot, out)
+  lines += codec_section(rows, list(config.bins), boot, out)
   lines += beyond_section(rows, sweeps, boot, [workdir], out)
   lines += external_sections(workdir / "eval", out)
   lines += master_section(master, out)
