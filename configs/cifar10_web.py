@@ -2,6 +2,7 @@ r"""The reproduction's network on the codecs the web serves: JPEG, JPEG 2000, We
 
   msnet run --config=configs/cifar10_web.py --workdir=runs/web                # bins, branches, master, sweeps
   msnet evaluate --config=configs/cifar10_web.py:measure --workdir=runs/web   # baseline-only sweeps (bin choice)
+  msnet run --config=configs/cifar10_web.py:shared --workdir=runs/web-shared  # one branch for the three web codecs
   msnet run --config=configs/cifar10_web.py:runlocal --workdir=/tmp/web       # the pipeline in about a minute
 
 configs/cifar10_repro.py's data, network and training lengths (its baseline can be shared: DONE.json), with a
@@ -34,7 +35,7 @@ WEB_BINS = (
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg, known=("runlocal", "measure"))
+  args = config_lib.parse_arg(arg, known=("runlocal", "measure", "shared"))
   repro = pathlib.Path(__file__).with_name("cifar10_repro.py")
   c = config_lib.config_file(repro, "runlocal" if args.get("runlocal") else None)
   c.comparisons = ()
@@ -46,8 +47,13 @@ def get_config(arg: str | None = None):
     c.evaluate.sweeps = ("clean", "jpeg", "jp2k", "webp", "avif", "jxl")
     c.evaluate.methods = ("baseline",)
     return c
-  for name, rule, train_specs, rate_rule in WEB_BINS:
-    c.bins.append(ml_collections.ConfigDict(dict(name=name, match=(rule, rate_rule), train_specs=train_specs)))
+  if args.get("shared"):  # one branch for WebP, AVIF and JPEG XL, as long as each per-codec branch: 1/3 of their cost
+    c.bins.append(ml_collections.ConfigDict(dict(
+        name="web", match=tuple(r for _, rule, _, rate in WEB_BINS for r in (rule, rate)),
+        train_specs=tuple(s for _, _, specs, _ in WEB_BINS for s in specs))))
+  else:
+    for name, rule, train_specs, rate_rule in WEB_BINS:
+      c.bins.append(ml_collections.ConfigDict(dict(name=name, match=(rule, rate_rule), train_specs=train_specs)))
   if args.get("runlocal"):
     for b in c.bins:
       b.train_specs = b.train_specs[:1]
@@ -57,4 +63,7 @@ def get_config(arg: str | None = None):
       "jpeg:10+shift:4,4+jpeg:75", "avif:10+jpeg:85", "jxl:16+jpeg:85", "jpeg:85")
   c.evaluate.sweeps = ("clean", "jpeg", "jp2k", "webp", "avif", "jxl", "transcode")
   c.evaluate.methods = ("baseline", "branches", "ms", "ams", "map", "oracle", "bitstream", "hybrid")
+  if args.get("shared"):  # what the per-codec run is compared on
+    c.evaluate.sweeps = ("clean", "jpeg", "webp", "avif", "jxl")
+    c.evaluate.methods = ("baseline", "branches", "ms", "oracle", "bitstream")
   return c
