@@ -15,7 +15,6 @@ import PIL.Image
 import tqdm
 
 from msnet import degradations, errors, methods
-from msnet.data import reader
 from msnet.data.reader import ImageFile, read_image
 
 if TYPE_CHECKING:  # the predictor imports JAX; reading files does not need it

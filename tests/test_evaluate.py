@@ -168,7 +168,7 @@ def trained(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str,
 def _reference_probs(setup: dict[str, Any], spec: str) -> dict[str, np.ndarray]:
   """Every method's class probabilities recomputed in NumPy from the models' logits on the raw records."""
   d, p, apply = setup["data"][spec], setup["params"], setup["apply"]
-  x, labels = jnp.asarray(d["image"]), d["label"]
+  x = jnp.asarray(d["image"])
   branch_logits = apply["slave"](p["slave"], x).astype(np.float64)
   branch = _softmax(branch_logits)                           # [K, B, C]
   master_logits = apply["master"](p["master"], x).astype(np.float64)

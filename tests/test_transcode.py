@@ -9,7 +9,6 @@ import io
 import json
 import math
 import pathlib
-import sys
 from typing import Any
 
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import PIL.Image
 import pytest
 from PIL import Image
 
-from msnet import config as config_lib, decision, degradations as D, errors, evaluate, files
+from msnet import config as config_lib, decision, degradations as D, evaluate, files
 from msnet.evaluate import plan as plan_lib
 from msnet.report import stats, transcode as report_transcode
 from test_degradations import cifar_images, pillow_jpeg

@@ -322,9 +322,11 @@ def _decode_pillow(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray,
     with PIL.Image.open(io.BytesIO(data)) as im:
       kind = im.format or "unknown"
       _check_pixels(*im.size, max_pixels, name)
-      im.load()
+      array = _full_depth(im, data, name)
+      if array is None:
+        im.load()
+        array = _pillow_pixels(im, name)
       orientation = _pillow_orientation(im, name)
-      array = _pillow_pixels(im, data, name)
   except PIL.UnidentifiedImageError:  # Pillow's own message names a BytesIO object, not the file
     raise CorruptImageError(f"{name}: not an image: neither JPEG, JPEG 2000 nor a format Pillow reads") from None
   except PIL.Image.DecompressionBombError as e:
@@ -349,13 +351,18 @@ def _pillow_orientation(im: PIL.Image.Image, name: str) -> int:
   return value if isinstance(value, int) else 1
 
 
-def _pillow_pixels(im: PIL.Image.Image, data: bytes, name: str) -> np.ndarray:
-  """The loaded image's samples at their own depth, scaled to 8 bits (the two formats that Pillow reads at 8
-  bits by dropping bits are decoded again by imagecodecs at full depth)."""
+def _full_depth(im: PIL.Image.Image, data: bytes, name: str) -> np.ndarray | None:
+  """The two formats Pillow reads at 8 bits by dropping bits (16-bit PNG, 16-bit RGB TIFF), decoded by
+  imagecodecs at full depth and scaled to 8 bits instead, from the lazily opened header; None for the rest."""
   if data.startswith(PNG_SIGNATURE) and data[24:25] == b"\x10":  # IHDR bit depth 16
     return to_8_bits(imagecodecs.png_decode(data), 16, name)
   if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and max(im.tag_v2.get(258, (8,)), default=8) == 16:
     return to_8_bits(imagecodecs.tiff_decode(data), 16, name)
+  return None
+
+
+def _pillow_pixels(im: PIL.Image.Image, name: str) -> np.ndarray:
+  """The loaded image's samples at their own depth, scaled to 8 bits."""
   if im.mode.startswith("I;16"):
     return to_8_bits(np.asarray(im).astype(np.uint16), 16, name)
   if im.mode == "I":  # Pillow scales PGM/PPM samples to 16 bits here; other sources must be in that range
