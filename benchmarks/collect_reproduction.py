@@ -2,6 +2,7 @@
 
   python benchmarks/collect_reproduction.py --run runs/repro-s0 [--run runs/repro-s1 ...] [--study runs/depth]
   python benchmarks/collect_reproduction.py --into beyond --run runs/beyond-s0 ...   # -> reproduction/beyond/seed0
+  python benchmarks/collect_reproduction.py --run runs/web --dest benchmarks/results/web/per_codec  # any one run
 
 Per run (seed<N>/): config.json, timings.json, every stage's DONE.json, the baseline's metrics.jsonl, and
 W/eval (results.json/.csv, master.json, reliability.json, correct/: every image's top-1 per method and spec),
@@ -30,9 +31,9 @@ def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
     shutil.copy2(src, dst)
 
 
-def collect_run(run: pathlib.Path, into: str = "") -> pathlib.Path:
+def collect_run(run: pathlib.Path, into: str = "", dest: pathlib.Path | None = None) -> pathlib.Path:
   seed = json.loads((run / "config.json").read_text())["seed"]
-  dst = OUT / into / f"seed{seed}"
+  dst = dest or OUT / into / f"seed{seed}"
   for name in ("config.json", "timings.json", "eval", "report"):
     _copy(run / name, dst / name)
   _copy(run / "train" / "baseline" / "metrics.jsonl", dst / "train" / "baseline" / "metrics.jsonl")
@@ -48,9 +49,12 @@ def main() -> None:
   parser.add_argument("--run", action="append", default=[], type=pathlib.Path, help="a finished `msnet run` workdir")
   parser.add_argument("--study", type=pathlib.Path, help="a finished `msnet study` workdir")
   parser.add_argument("--into", default="", help="a subfolder of reproduction/ for the runs (e.g. beyond)")
+  parser.add_argument("--dest", type=pathlib.Path, help="the destination folder of a single --run")
   args = parser.parse_args()
+  if args.dest and len(args.run) != 1:
+    parser.error("--dest takes exactly one --run")
   for run in args.run:
-    print(f"{run} -> {collect_run(run, args.into)}")
+    print(f"{run} -> {collect_run(run, args.into, args.dest)}")
   if args.study:
     _copy(args.study / "study", OUT / "depth_study")
     _copy(args.study / "timings.json", OUT / "depth_study" / "timings.json")
