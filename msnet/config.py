@@ -21,8 +21,8 @@ from msnet import errors, methods
 
 # The stages `msnet train` knows, in pipeline order. Branch stages are named `branch_<bin name>`.
 GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "gate", "da_fc8", "da_fc67", "da_fc678", "stability",
-                          "alexnet_baseline")  # config.stages entries of the trained stages
-COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline")
+                          "augmix", "alexnet_baseline")  # config.stages entries of the trained stages
+COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline", "augmix")
 # Stages beyond the paper, trained after the master when listed in config.extensions.
 EXTENSION_STAGES = ("calibrate", "gate")
 # The JPEG part of the transcode sweep (the JPEG 2000 part depends on the image size: `cifar_jp2k`).
@@ -152,6 +152,17 @@ def base_config() -> ml_collections.ConfigDict:
       da_fc67=_stage(epochs=3, lr=0.01),
       da_fc678=_stage(epochs=3, lr=0.01),
       stability=_stage(epochs=3, lr=0.005),
+      # AugMix (Hendrycks et al. 2020, msnet/train/augmix.py): the whole baseline fine-tuned on clean data with
+      # CE + js_lambda * JS(clean, two AugMix copies), for stability's budget (`epochs`/`steps`, `lr` as in
+      # _stage; its paper trains from scratch: see msnet/train/stages.py). The other knobs are its paper's:
+      augmix=_stage(
+          epochs=3, lr=0.005,
+          severity=3,      # magnitude of every operation, 1-10 (rotation up to 3 x severity degrees, ...)
+          width=3,         # augmentation chains mixed into each copy
+          depth=-1,        # operations per chain; -1: 1-3, drawn per chain and image
+          alpha=1.0,       # Dirichlet(alpha) weights over the chains, Beta(alpha, alpha) weight of the mix
+          js_lambda=12.0,  # weight of the Jensen-Shannon consistency term
+      ),
       alexnet_baseline=_stage(epochs=30, lr=0.02, warmup_steps=200),  # AlexNet on clean data (Fig. 1b)
       # The learned gate: the master's network, started from the trained master, trained with the branches
       # frozen to minimise the NLL of the gated mixture sum_k g_k(x) p_k(y|x) on every bin's specs.
@@ -172,7 +183,8 @@ def base_config() -> ml_collections.ConfigDict:
       alpha=0.01,                # weight of KL(p(clean) || p(perturbed)) added to the clean cross-entropy
       noise_sigma=10.0,          # Gaussian perturbation, sigma on the 0-255 scale (Zheng et al.)
   ))
-  c.comparisons = COMPARISON_STAGES  # which comparison methods `msnet run` trains
+  # Which comparison methods `msnet run` trains: the paper's; "augmix" (beyond the paper) is added by name.
+  c.comparisons = tuple(s for s in COMPARISON_STAGES if s != "augmix")
   # Which stages beyond the paper `msnet run` trains (EXTENSION_STAGES): "calibrate" (temperatures for the
   # ams_cal / map_cal rules; needs data.holdout_examples > 0) and "gate" (the learned gate).
   c.extensions = ()
@@ -439,6 +451,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _spec_ok(degradations, spec, f"stages.{name}.train_specs")
   _check(0 < c.stages.deepcloak.mask_ratio < 1, "stages.deepcloak.mask_ratio", "must be in (0, 1)")
   _check(c.stages.deepcloak.num_examples >= 1, "stages.deepcloak.num_examples", "must be >= 1")
+  a = c.stages.augmix
+  _check(isinstance(a.severity, int) and 1 <= a.severity <= 10, "stages.augmix.severity",
+         f"must be an integer in [1, 10] (AugMix's scale; its paper: 3), got {a.severity!r}")
+  _check(isinstance(a.width, int) and a.width >= 1, "stages.augmix.width",
+         f"must be an integer >= 1 (chains per copy; its paper: 3), got {a.width!r}")
+  _check(isinstance(a.depth, int) and (a.depth == -1 or a.depth >= 1), "stages.augmix.depth",
+         f"must be -1 (1-3 operations at random, its paper) or an integer >= 1, got {a.depth!r}")
+  _check(a.alpha > 0 and math.isfinite(a.alpha), "stages.augmix.alpha",
+         f"must be a positive number (Dirichlet and Beta parameter), got {a.alpha}")
+  _check(a.js_lambda >= 0 and math.isfinite(a.js_lambda), "stages.augmix.js_lambda",
+         f"must be a number >= 0, got {a.js_lambda}")
   _check(c.stability.alpha >= 0, "stability.alpha", "must be >= 0")
   _check(c.stability.noise_sigma > 0, "stability.noise_sigma", "must be > 0")
 

@@ -147,6 +147,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _network("da_fc8"), _network("da_fc67"), _network("da_fc678"), _network("stability"),
     _network("deepcloak", ("baseline", "deepcloak"), ("baseline", "feature_mask")),  # the baseline, features masked
     _network("alexnet_baseline"),
+    _network("augmix"),
 )}
 
 

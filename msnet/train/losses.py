@@ -1,11 +1,16 @@
-"""Training losses: cross-entropy, and stability training (Zheng et al. 2016) as the paper compares it.
+"""Training losses: cross-entropy, stability training (Zheng et al. 2016) as the paper compares it, and
+AugMix's Jensen-Shannon consistency loss (Hendrycks et al. 2020).
 
 stability = CE(clean) + alpha * KL(p(clean) || p(perturbed)), where the perturbed copy is the clean
 uint8 image plus Gaussian noise of sigma (0-255 scale), rounded and clipped back to uint8 so that the
 model sees the same kind of input as for any pre-degraded record.
+
+augmix = CE(clean) + lam * JS(p(clean), p(aug1), p(aug2)), the two copies from msnet/train/augmix.py.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,3 +43,17 @@ def stability_loss(logits_clean: jax.Array, logits_perturbed: jax.Array, labels:
                    alpha: float) -> jax.Array:
   """CE on the clean copy plus alpha * KL(p_clean || p_perturbed); gradients flow through both copies."""
   return cross_entropy(logits_clean, labels) + alpha * kl_divergence(logits_clean, logits_perturbed)
+
+
+def js_divergence(*logits: jax.Array) -> jax.Array:
+  """Mean over the batch of the Jensen-Shannon divergence of softmax(logits_i) [B, C]: the mean over i of
+  KL(p_i || M), M the mean of the p_i, with log M from the log-probabilities (no clamp needed)."""
+  logp = jnp.stack([jax.nn.log_softmax(z.astype(jnp.float32), axis=-1) for z in logits])
+  log_m = jax.nn.logsumexp(logp, axis=0) - math.log(len(logits))
+  return jnp.mean(jnp.sum(jnp.exp(logp) * (logp - log_m), axis=-1))
+
+
+def augmix_loss(logits_clean: jax.Array, logits_aug1: jax.Array, logits_aug2: jax.Array, labels: jax.Array,
+                lam: float) -> jax.Array:
+  """CE on the clean copy plus lam * JS(p_clean, p_aug1, p_aug2); gradients flow through all three copies."""
+  return cross_entropy(logits_clean, labels) + lam * js_divergence(logits_clean, logits_aug1, logits_aug2)

@@ -12,6 +12,13 @@
   da_fc8/67/678     from the baseline, only fc8 / fc6+fc7 / fc6+fc7+fc8 train, on clean + every bin's specs
                     (the layers are the arch's registry entry: a ResNet's da_fc8 trains its classifier `fc`).
   stability         from the baseline, everything trains, clean data, CE + alpha * KL(clean || noisy).
+  augmix            (AugMix, Hendrycks et al. 2020) from the baseline, everything trains, clean data, CE +
+                    js_lambda * JS(clean, two AugMix copies made in the step: train/augmix.py). Its paper
+                    trains from scratch; here it fine-tunes the shared baseline for the comparison stages'
+                    budget (config.stages.augmix: stability's epochs; a step is three passes, clean and two
+                    copies, against stability's two), so that the comparison methods train for a like budget
+                    and start from the network the branches start from: a difference between them is the
+                    method's, not more training or another initialisation.
   alexnet_baseline  AlexNet (config.alexnet_model) from scratch on clean data, for the VGG-vs-AlexNet figure.
   deepcloak         no gradient step: ranks trunk-output channels by their mean |f(clean) - f(degraded)|
                     over record pairs and masks the top mask_ratio of them (feature_mask.npy).
@@ -42,7 +49,7 @@ from etils import epath
 
 from msnet import config as config_lib, errors, models
 from msnet.data import shards
-from msnet.train import loop, step as step_lib
+from msnet.train import augmix, loop, step as step_lib
 
 DA_STAGES = ("da_fc8", "da_fc67", "da_fc678")  # which layers each trains: the arch's registry entry
 FEATURE_MASK = "feature_mask.npy"
@@ -233,10 +240,11 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
     return loop.Job(name=stage, stage=s, apply_fn=step_lib.slave_apply(alexnet),
                     train_specs=list(s.train_specs) or clean, eval_specs=clean,
                     init_fn=lambda: alexnet.init({"params": key, "dropout": key}, _dummy(config), train=False)["params"])
-  if stage == "stability":
-    s = config.stages.stability
+  if stage in ("stability", "augmix"):  # the whole baseline fine-tuned on clean data, with its own loss
+    s = config.stages[stage]
+    loss = "stability" if stage == "stability" else augmix.Settings.from_config(s).loss_name()
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
-                    init_params=_from_baseline(workdir, stage, config), loss="stability", eval_specs=clean)
+                    init_params=_from_baseline(workdir, stage, config), loss=loss, eval_specs=clean)
   raise errors.InvalidInputError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
 
 

@@ -2,9 +2,10 @@
 evaluation step.
 
 Stages differ only in what they pass in: the model's apply function, the optimizer (which params
-train), the loss ("ce" or "stability"). The step is jitted with explicit in/out shardings over the mesh
-and donates the old state; its RNG is the stage key folded with the step count, so a resumed run draws
-the same dropout and stability noise as an uninterrupted one.
+train), the loss ("ce", "stability", or AugMix's, named with its settings by augmix.Settings.loss_name). The
+step is jitted with explicit in/out shardings over the mesh and donates the old state; its RNG is the stage key
+folded with the step count, so a resumed run draws the same dropout, stability noise and AugMix choices as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msnet import parallel
 from msnet.models import compiler_options
-from msnet.train import losses
+from msnet.train import augmix, losses
 from msnet.train.state import TrainState
 
 # apply(params, images uint8 [B,H,W,3], train, rng) -> logits [B, C]
@@ -62,17 +63,23 @@ def gate_apply(gate: Any, slave: Any) -> ApplyFn:
 def _train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: Any,
                 rng: jax.Array, loss: str, alpha: float, noise_sigma: float) -> StepFn:
   """The pure step(state, batch) -> (state, metrics) that the single step and the scanned call jit."""
-  if loss not in ("ce", "stability"):
-    raise ValueError(f"loss {loss!r}: must be 'ce' or 'stability'")
+  mixing = augmix.Settings.from_loss_name(loss) if loss.startswith(augmix.LOSS_PREFIX) else None
+  if mixing is None and loss not in ("ce", "stability"):
+    raise ValueError(f"loss {loss!r}: must be 'ce', 'stability' or an augmix.Settings.loss_name()")
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     step_rng = jax.random.fold_in(rng, state.step)
     dropout_rng, noise_rng = jax.random.split(step_rng)
     images, labels = batch["image"], batch["label"]
+    if mixing is not None:  # the clean batch and two AugMix copies (each row its own draws), as one batch
+      images = jnp.concatenate([images, augmix.augmix(jnp.concatenate([images, images]), noise_rng, mixing)])
 
     def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
       params = jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), trainable, params)
       logits = apply_fn(params, images, True, dropout_rng)
+      if mixing is not None:
+        clean, aug1, aug2 = jnp.split(logits, 3)
+        return losses.augmix_loss(clean, aug1, aug2, labels, mixing.js_lambda), clean
       if loss == "stability":
         perturbed = losses.perturb(images, noise_rng, noise_sigma)
         logits_p = apply_fn(params, perturbed, True, jax.random.fold_in(dropout_rng, 1))
