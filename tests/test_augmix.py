@@ -186,7 +186,7 @@ def test_stage_settings_reach_the_step_and_are_validated(tmp_path) -> None:
   (tmp_path / "train" / "baseline").mkdir(parents=True)
   (tmp_path / "train" / "baseline" / "DONE.json").write_text("{}")
   job = stages.make_job(c, tmp_path, "augmix")
-  assert augmix.Settings.from_loss_name(job.loss) == augmix.Settings(severity=5, js_lambda=6.0)
+  assert job.loss == "augmix" and job.mixing == augmix.Settings(severity=5, js_lambda=6.0)
   assert job.train_specs == ["clean"] and job.trainable == (".*",)
   for field, value in [("severity", 0), ("severity", 11), ("width", 0), ("depth", 0), ("alpha", 0.0),
                        ("js_lambda", -1.0)]:
@@ -206,7 +206,7 @@ def test_the_train_step_draws_from_the_stage_key_and_the_step() -> None:
   params = {"w": jnp.asarray(np.random.RandomState(0).randn(3, 4), jnp.float32)}
   tx = optax.sgd(0.5)
   step = jax.jit(step_lib._train_step(apply, tx, optax.constant_schedule(0.5), optim.trainable_mask(params, (".*",)),
-                                      jax.random.key(7), augmix.Settings().loss_name(), 0.0, 0.0))
+                                      jax.random.key(7), "augmix", 0.0, 0.0, augmix.Settings()))
   images = np.stack(cifar_images(8))
   batch = {"image": jnp.asarray(images), "label": jnp.arange(8) % 4}
   state = state_lib.TrainState(step=jnp.asarray(0), params=params, opt_state=tx.init(params))
@@ -216,7 +216,9 @@ def test_the_train_step_draws_from_the_stage_key_and_the_step() -> None:
   assert float(ma["loss"]) == float(mb["loss"]) != float(ml["loss"])
   assert int(a.step) == 1 and np.isfinite(float(ma["loss"]))
   with pytest.raises(ValueError, match="loss 'nope'"):
-    step_lib._train_step(apply, tx, optax.constant_schedule(0.5), None, jax.random.key(0), "nope", 0.0, 0.0)
+    step_lib._train_step(apply, tx, optax.constant_schedule(0.5), None, jax.random.key(0), "nope", 0.0, 0.0, None)
+  with pytest.raises(ValueError, match="needs augmix.Settings"):
+    step_lib._train_step(apply, tx, optax.constant_schedule(0.5), None, jax.random.key(0), "augmix", 0.0, 0.0, None)
 
 
 def test_each_drawn_operation_is_pillows_at_the_reference_magnitude(images: np.ndarray) -> None:

@@ -19,7 +19,7 @@ NEEDS = {"baseline": ["baseline"], "branches": SLAVE, "ms": [*SLAVE, "master"], 
          "map": [*SLAVE, "master"], "oracle": SLAVE, "bitstream": SLAVE, "hybrid": [*SLAVE, "master"],
          "ams_cal": [*SLAVE, "calibrate"], "map_cal": [*SLAVE, "master", "calibrate"], "gate": [*SLAVE, "gate"],
          "da_fc8": ["da_fc8"], "da_fc67": ["da_fc67"], "da_fc678": ["da_fc678"], "stability": ["stability"],
-         "deepcloak": ["baseline", "deepcloak"], "alexnet_baseline": ["alexnet_baseline"]}
+         "deepcloak": ["baseline", "deepcloak"], "alexnet_baseline": ["alexnet_baseline"], "augmix": ["augmix"]}
 GIVEN_BINS = {"oracle": "true", "bitstream": "bitstream", "hybrid": "bitstream"}
 TEMPERATURES = {"ams_cal": ("branch",), "map_cal": ("own_bin", "master")}  # the calibrate stage's, branches' first
 UNKNOWN = "'nope' is not one of"
@@ -69,7 +69,7 @@ def test_plan_evaluates_every_entry_once_its_stages_are_trained(tmp_path: pathli
   plan = plan_lib.make_plan(c, tmp_path)
   assert plan.missing == {} and plan.slave and plan.master and plan.calibrated and plan.gate and plan.branches
   assert plan_lib.method_names(c, plan) == [
-      "baseline", "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline",
+      "baseline", "da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline", "augmix",
       "branch_clean", "branch_jpeg", "branch_jp2k", "branch_clean_cal", "branch_jpeg_cal", "branch_jp2k_cal",
       "ms", "ams", "map", "oracle", "bitstream", "hybrid", "ams_cal", "map_cal", "gate"]
   c.evaluate.methods = ("nope",)  # validation refuses it first; the plan refuses it too

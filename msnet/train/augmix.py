@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from typing import Any
 
@@ -31,13 +30,9 @@ COLOUR_OPS = ("autocontrast", "equalize", "posterize", "solarize")  # lookup tab
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")  # AFFINE coefficients
 OPS = COLOUR_OPS + GEOMETRIC_OPS
 MAX_DEPTH = 3  # depth -1 draws each chain's length from 1..MAX_DEPTH, as the reference
-LOSS_PREFIX = "augmix:"
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """config.stages.augmix's knobs. The training loop hands the step a loss name only, so the step gets them
-  as one: `loss_name()`, `augmix:` and their JSON, read back by `from_loss_name`."""
+  """config.stages.augmix's knobs, which the stage's Job hands to the train step (`mixing`)."""
   severity: int = 3       # every operation's magnitude, 1-10
   width: int = 3          # chains mixed per image
   depth: int = -1         # operations per chain; -1: 1-3 at random per chain
@@ -48,13 +43,6 @@ class Settings:
   def from_config(cls, stage: Any) -> Settings:
     return cls(severity=int(stage.severity), width=int(stage.width), depth=int(stage.depth),
                alpha=float(stage.alpha), js_lambda=float(stage.js_lambda))
-
-  def loss_name(self) -> str:
-    return LOSS_PREFIX + json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-  @classmethod
-  def from_loss_name(cls, name: str) -> Settings:
-    return cls(**json.loads(name[len(LOSS_PREFIX):]))
 
 
 def histogram(images: jax.Array) -> jax.Array:

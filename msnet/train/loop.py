@@ -58,7 +58,8 @@ class Job:
   init_fn: Callable[[], Any] | None = None   # traceable: params from scratch (model.init)
   init_params: Callable[[], Any] | None = None  # host params (another stage's result), loaded lazily
   trainable: Sequence[str] = (".*",)         # path regexes of the params that train
-  loss: str = "ce"                           # "ce" or "stability"
+  loss: str = "ce"                           # "ce", "stability" or "augmix"
+  mixing: Any = None                         # augmix.Settings of the "augmix" loss
   weights: Sequence[float] | None = None     # mixture weights of train_specs (None: the loader's default)
   label_key: str = "label"                   # "bin" for the master
   eval_specs: Sequence[str] = ("clean",)     # validation specs on the eval split (skipped if absent)
@@ -200,7 +201,8 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
 
   mask = optim.trainable_mask(abstract_params, job.trainable)
   step_args = (job.apply_fn, tx, schedule, mask, mesh, shardings, stage_rng(config.seed, job.name))
-  step_kw = dict(loss=job.loss, alpha=float(config.stability.alpha), noise_sigma=float(config.stability.noise_sigma))
+  step_kw = dict(loss=job.loss, alpha=float(config.stability.alpha), noise_sigma=float(config.stability.noise_sigma),
+                 mixing=job.mixing)
   programs: dict[int, step_lib.CallFn] = {}
 
   def program(n: int) -> step_lib.CallFn:

@@ -242,9 +242,9 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
                     init_fn=lambda: alexnet.init({"params": key, "dropout": key}, _dummy(config), train=False)["params"])
   if stage in ("stability", "augmix"):  # the whole baseline fine-tuned on clean data, with its own loss
     s = config.stages[stage]
-    loss = "stability" if stage == "stability" else augmix.Settings.from_config(s).loss_name()
+    mixing = augmix.Settings.from_config(s) if stage == "augmix" else None
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
-                    init_params=_from_baseline(workdir, stage, config), loss=loss, eval_specs=clean)
+                    init_params=_from_baseline(workdir, stage, config), loss=stage, mixing=mixing, eval_specs=clean)
   raise errors.InvalidInputError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
 
 

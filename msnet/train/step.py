@@ -2,7 +2,7 @@
 evaluation step.
 
 Stages differ only in what they pass in: the model's apply function, the optimizer (which params
-train), the loss ("ce", "stability", or AugMix's, named with its settings by augmix.Settings.loss_name). The
+train), the loss ("ce", "stability", or "augmix" with its `augmix.Settings`). The
 step is jitted with explicit in/out shardings over the mesh and donates the old state; its RNG is the stage key
 folded with the step count, so a resumed run draws the same dropout, stability noise and AugMix choices as an
 uninterrupted one.
@@ -61,11 +61,13 @@ def gate_apply(gate: Any, slave: Any) -> ApplyFn:
 
 
 def _train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: Any,
-                rng: jax.Array, loss: str, alpha: float, noise_sigma: float) -> StepFn:
+                rng: jax.Array, loss: str, alpha: float, noise_sigma: float,
+                mixing: augmix.Settings | None) -> StepFn:
   """The pure step(state, batch) -> (state, metrics) that the single step and the scanned call jit."""
-  mixing = augmix.Settings.from_loss_name(loss) if loss.startswith(augmix.LOSS_PREFIX) else None
-  if mixing is None and loss not in ("ce", "stability"):
-    raise ValueError(f"loss {loss!r}: must be 'ce', 'stability' or an augmix.Settings.loss_name()")
+  if loss not in ("ce", "stability", "augmix"):
+    raise ValueError(f"loss {loss!r}: must be 'ce', 'stability' or 'augmix'")
+  if (loss == "augmix") != (mixing is not None):
+    raise ValueError(f"loss {loss!r} with mixing={mixing!r}: the augmix loss, and only it, needs augmix.Settings")
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     step_rng = jax.random.fold_in(rng, state.step)
@@ -98,14 +100,15 @@ def _train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: o
 
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *,
-                    loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0) -> StepFn:
+                    loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0,
+                    mixing: augmix.Settings | None = None) -> StepFn:
   """step(state, batch) -> (state, metrics: loss, accuracy, lr, grad_norm), jitted once.
 
   `trainable` is the bool pytree of optim.trainable_mask: frozen params enter the loss behind
   stop_gradient, so their gradients (and, for a frozen trunk, the whole backward pass through it) are
   never computed. `rng` is a key baked into the program, folded with state.step inside.
   """
-  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma)
+  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma, mixing)
   repl = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(shardings, parallel.data_sharding(mesh)),
                  out_shardings=(shardings, repl), donate_argnums=0, compiler_options=compiler_options())
@@ -132,7 +135,7 @@ def host_feed(mesh: Mesh) -> Feed:
 def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *, steps: int, feed: Feed,
                     loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0,
-                    unroll: bool | None = None) -> CallFn:
+                    mixing: augmix.Settings | None = None, unroll: bool | None = None) -> CallFn:
   """call(state, data, items) -> (state, metrics [steps]): `steps` train steps in one jitted program.
 
   `items` is the list of the `steps` loader items of the call, stacked inside and scanned over
@@ -146,7 +149,7 @@ def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedul
   """
   if steps < 1:
     raise ValueError(f"steps {steps}: must be >= 1")
-  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma)
+  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma, mixing)
 
   def call(state: TrainState, data: Any, items: list[Any]) -> tuple[TrainState, dict[str, jax.Array]]:
     if len(items) != steps:
