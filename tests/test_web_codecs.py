@@ -186,15 +186,17 @@ def test_codec_section_tables_the_strong_end_and_compares_at_equal_bits(tmp_path
   bins = [ml_collections.ConfigDict(dict(name=name, match=match)) for name, match in
           (("clean", ()), ("jpeg", ("jpeg:1-20",)), ("webp", ("webp:0-20", "webp@bpp:0-5")))]
   boot = report_run.bootstrap_of(rows, correct)
-  strong = report_codecs.strong_end_rows(rows, bins)
+  strong = report_codecs.strong_end_rows(rows, bins, boot)
   assert [r["spec"] for r in strong] == ["jpeg:10", "jpeg:20", "webp:10"]  # webp:50 is outside its bin
   webp10 = strong[2]
   own = np.mean(correct[("branch_webp", "webp:10")]) * 100
   assert webp10["branch"] == pytest.approx(own) and webp10["branch_lo"] < own < webp10["branch_hi"]
-  equal = report_codecs.equal_bits_rows(rows, bins, boot)
-  assert [(r["jpeg_spec"], r["spec"]) for r in equal] == [("jpeg:10", "webp:10"), ("jpeg:20", "webp:10")]
+  gain = 100 * (np.mean(correct[("ms", "webp:10")]) - np.mean(correct[("baseline", "webp:10")]))
+  assert webp10["ms_gain"] == pytest.approx(gain) and webp10["ms_gain_lo"] < gain < webp10["ms_gain_hi"]
+  equal = report_codecs.equal_bits_rows(rows, bins, boot)  # jpeg:20 (6.0 bpp) has no webp spec within 15%
+  assert [(r["spec"], r["other"]) for r in equal] == [("jpeg:10", "webp:10")]
   expected = 100 * (np.mean(correct[("baseline", "webp:10")]) - np.mean(correct[("baseline", "jpeg:10")]))
-  assert equal[0]["baseline_minus_jpeg"] == pytest.approx(expected) and equal[0]["lo"] < expected < equal[0]["hi"]
+  assert equal[0]["baseline_difference"] == pytest.approx(expected) and equal[0]["lo"] < expected < equal[0]["hi"]
   lines = report_codecs.codec_section(rows, bins, boot, tmp_path)
   assert (tmp_path / "rate_accuracy.png").exists() and (tmp_path / "codecs.csv").exists()
   assert any("`webp:10`" in line for line in lines)
