@@ -87,10 +87,9 @@ def _first_match(kind: str | None, level: float | None, bin_rules: Iterable[Iter
   return 0
 
 
-def _codec_bin(op: object, bin_rules: Sequence[Sequence[str]]) -> int:
+def _codec_bin(op: Any, bin_rules: Sequence[Sequence[str]]) -> int:
   """Bin of one op by its nominal level; 0 for ops that are no codec (`jp2k_psnr` has no ratio: no rule)."""
-  codec = getattr(op, "codec", None)
-  return 0 if codec is None else _first_match(codec, op.level, bin_rules)
+  return 0 if op.codec is None else _first_match(op.codec, op.level, bin_rules)
 
 
 def bin_of(spec: str | Spec, bin_rules: Iterable[Iterable[str]]) -> int:

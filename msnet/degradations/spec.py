@@ -17,8 +17,9 @@ Grammar (ops compose left to right with `+`):
                                the same filter (default bicubic; nearest, box, bilinear, hamming, bicubic, lanczos)
 
 `resize` is what a photo meets between two encodes on the web (a thumbnail or a re-upload scaled down and shown
-at its old size), so chains such as `jpeg:10+resize:0.5+jpeg:75` can be written. `shift` is a crop between two uploads: it
-moves the second encode's 8x8 grid off the first one's (`jpeg:10+shift:3,5+jpeg:75`). The intermediate size is
+at its old size), so chains such as `jpeg:10+resize:0.5+jpeg:75` can be written. `shift` is a crop between
+two uploads: it moves the second encode's 8x8 grid off the first one's (`jpeg:10+shift:3,5+jpeg:75`). The
+intermediate size is
 round-half-up(F x side), at least 1 pixel; both steps are Pillow's `Image.resize` on the RGB image with the named
 filter (`resize:0.5` = bicubic to half size, bicubic back), so the pixels equal Pillow's exactly and no random
 numbers are involved. F > 1 scales up first and back down (an interpolation round trip); F = 1 is the identity.
@@ -58,11 +59,26 @@ def _set_level(op: object, field: str, what: str, low: float, strict: bool = Tru
   object.__setattr__(op, field, value)
 
 
+class _Op:
+  """What every op declares: its grammar name and form, the codec it encodes with (None: none), and the level
+  the bin rules match (None: no rule matches). By default an op is no codec and is written `name:<number>`."""
+  name: ClassVar[str] = ""
+  codec: ClassVar[str | None] = None
+  grammar: ClassVar[str] = ""
+
+  @classmethod
+  def from_text(cls, level: str, option: str | None) -> _Op:
+    return cls(float(level))
+
+  @property
+  def level(self) -> float | None:
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
-class Clean:
+class Clean(_Op):
   """The identity: the source pixels."""
   name: ClassVar[str] = "clean"
-  codec: ClassVar[str | None] = None
   grammar: ClassVar[str] = "clean"
 
   @classmethod
@@ -73,8 +89,22 @@ class Clean:
     return "clean"
 
 
+def _check_quality(op: object, what: str, low: int) -> None:
+  """Stores op.quality as an int after checking it is an integer in low..100."""
+  q = op.quality
+  if isinstance(q, bool) or not float(q).is_integer() or not low <= q <= 100:
+    raise ValueError(f"{what} quality must be an integer in {low}..100, got {q!r}")
+  object.__setattr__(op, "quality", int(q))
+
+
+def _quality_text(level: str, what: str, low: int) -> int:
+  if not re.fullmatch(r"[0-9]+", level):
+    raise ValueError(f"{what} quality must be an integer in {low}..100, got {level!r}")
+  return int(level)
+
+
 @dataclasses.dataclass(frozen=True)
-class Jpeg:
+class Jpeg(_Op):
   """Baseline JPEG at IJG quality `quality` with `subsampling` chroma ('420', '422' or '444')."""
   quality: int
   subsampling: str = "420"
@@ -84,9 +114,7 @@ class Jpeg:
 
   @classmethod
   def from_text(cls, level: str, option: str | None) -> Jpeg:
-    if not re.fullmatch(r"[0-9]+", level):
-      raise ValueError(f"jpeg quality must be an integer in 1..100, got {level!r}")
-    return cls(int(level), "420" if option is None else option)
+    return cls(_quality_text(level, "jpeg", 1), "420" if option is None else option)
 
   @property
   def level(self) -> float:
@@ -94,9 +122,7 @@ class Jpeg:
     return float(self.quality)
 
   def __post_init__(self):
-    if isinstance(self.quality, bool) or not float(self.quality).is_integer() or not 1 <= self.quality <= 100:
-      raise ValueError(f"jpeg quality must be an integer in 1..100, got {self.quality!r}")
-    object.__setattr__(self, "quality", int(self.quality))
+    _check_quality(self, "jpeg", 1)
     if self.subsampling not in SUBSAMPLINGS:
       raise ValueError(f"jpeg subsampling must be one of {SUBSAMPLINGS}, got {self.subsampling!r}")
 
@@ -105,16 +131,12 @@ class Jpeg:
 
 
 @dataclasses.dataclass(frozen=True)
-class Jp2k:
+class Jp2k(_Op):
   """JPEG 2000 (9/7 irreversible) rate-controlled to compression ratio `ratio`:1 (raw RGB bytes / codestream)."""
   ratio: float
   name: ClassVar[str] = "jp2k"
   codec: ClassVar[str | None] = "jp2k"
   grammar: ClassVar[str] = "jp2k:R"
-
-  @classmethod
-  def from_text(cls, level: str, option: str | None) -> Jp2k:
-    return cls(float(level))
 
   @property
   def level(self) -> float:
@@ -129,21 +151,14 @@ class Jp2k:
 
 
 @dataclasses.dataclass(frozen=True)
-class Jp2kPsnr:
-  """JPEG 2000 (9/7 irreversible) at OpenJPEG's fixed-quality target PSNR `psnr` dB."""
+class Jp2kPsnr(_Op):
+  """JPEG 2000 (9/7 irreversible) at OpenJPEG's fixed-quality target PSNR `psnr` dB; no level: its ratio
+  depends on the image, so no bin rule matches it."""
   psnr: float
   name: ClassVar[str] = "jp2k_psnr"
   codec: ClassVar[str | None] = "jp2k"
   grammar: ClassVar[str] = "jp2k_psnr:P"
 
-  @classmethod
-  def from_text(cls, level: str, option: str | None) -> Jp2kPsnr:
-    return cls(float(level))
-
-  @property
-  def level(self) -> None:
-    """No ratio is set, so no bin rule matches (the achieved ratio depends on the image)."""
-    return None
 
   def __post_init__(self):
     _set_level(self, "psnr", "jp2k_psnr target", 0, unit=" dB")
@@ -153,16 +168,11 @@ class Jp2kPsnr:
 
 
 @dataclasses.dataclass(frozen=True)
-class Noise:
+class Noise(_Op):
   """Additive Gaussian noise, sigma on the 0-255 scale, rounded and clipped to uint8."""
   sigma: float
   name: ClassVar[str] = "noise"
-  codec: ClassVar[str | None] = None
   grammar: ClassVar[str] = "noise:S"
-
-  @classmethod
-  def from_text(cls, level: str, option: str | None) -> Noise:
-    return cls(float(level))
 
   def __post_init__(self):
     _set_level(self, "sigma", "noise sigma", 0, strict=False)
@@ -172,12 +182,11 @@ class Noise:
 
 
 @dataclasses.dataclass(frozen=True)
-class Blur:
+class Blur(_Op):
   """Gaussian blur: sigma in pixels, kernel radius (kernel size 2 * radius + 1)."""
   sigma: float
   radius: int = 4
   name: ClassVar[str] = "blur"
-  codec: ClassVar[str | None] = None
   grammar: ClassVar[str] = "blur:S[@R]"
 
   @classmethod
@@ -197,12 +206,11 @@ class Blur:
 
 
 @dataclasses.dataclass(frozen=True)
-class Resize:
+class Resize(_Op):
   """Scale by `factor` with Pillow's `resample` filter, then back to the original size with the same filter."""
   factor: float
   resample: str = "bicubic"
   name: ClassVar[str] = "resize"
-  codec: ClassVar[str | None] = None
   grammar: ClassVar[str] = "resize:F[@FILTER]"
 
   @classmethod
@@ -220,26 +228,10 @@ class Resize:
     return f"resize:{_num(self.factor)}" + ("" if self.resample == "bicubic" else f"@{self.resample}")
 
 
-def _check_quality(op: object, what: str, low: int) -> None:
-  """Stores op.quality as an int after checking it is an integer in low..100."""
-  q = op.quality
-  if isinstance(q, bool) or not float(q).is_integer() or not low <= q <= 100:
-    raise ValueError(f"{what} quality must be an integer in {low}..100, got {q!r}")
-  object.__setattr__(op, "quality", int(q))
-
-
-def _quality_text(level: str, what: str, low: int) -> int:
-  if not re.fullmatch(r"[0-9]+", level):
-    raise ValueError(f"{what} quality must be an integer in {low}..100, got {level!r}")
-  return int(level)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Quality:
+class _Quality(_Op):
   """A codec at an integer quality 0..100 (0 strongest) of its library's own scale."""
   quality: int
-  name: ClassVar[str] = ""
-  codec: ClassVar[str | None] = None
 
   def __post_init__(self):
     _check_quality(self, self.name, 0)
@@ -274,7 +266,7 @@ class Avif(_Quality):
 
 
 @dataclasses.dataclass(frozen=True)
-class Jxl:
+class Jxl(_Op):
   """JPEG XL at libjxl butteraugli distance `distance` in [0, 25] (0 lossless, 1 visually lossless, 25 strongest)."""
   distance: float
   name: ClassVar[str] = "jxl"
@@ -286,10 +278,6 @@ class Jxl:
     if self.distance > MAX_JXL_DISTANCE:
       raise ValueError(f"jxl distance must be <= {_num(MAX_JXL_DISTANCE)} (libjxl's maximum), got {self.distance!r}")
 
-  @classmethod
-  def from_text(cls, level: str, option: str | None) -> Jxl:
-    return cls(float(level))
-
   @property
   def level(self) -> float:
     """The bin rules' scale: the distance (higher is stronger)."""
@@ -300,12 +288,11 @@ class Jxl:
 
 
 @dataclasses.dataclass(frozen=True)
-class Shift:
+class Shift(_Op):
   """Crop `dx` columns on the left and `dy` rows on the top, repeat the last column and row to the old size."""
   dx: int
   dy: int
   name: ClassVar[str] = "shift"
-  codec: ClassVar[str | None] = None
   grammar: ClassVar[str] = "shift:DX,DY"
   level_pattern: ClassVar[str] = r"[0-9]+,[0-9]+"
 

@@ -46,7 +46,7 @@ class Codec:
   @property
   def reads_level(self) -> bool:
     """Does a file carry the op's level (else the bitstream rule bins it by rate)?"""
-    return _reads_level(self)
+    return self.level is not _no_level
 
 
 def _no_level(data: bytes, bpp: float) -> None:
@@ -54,8 +54,13 @@ def _no_level(data: bytes, bpp: float) -> None:
   return None
 
 
-def _reads_level(codec: Codec) -> bool:
-  return codec.level is not _no_level
+def exif_orientation(data: bytes) -> int:
+  """The EXIF orientation (1-8) Pillow reads from a WebP EXIF chunk or AVIF `irot` / `imir` / Exif item."""
+  import io  # noqa: PLC0415
+  import PIL.Image  # noqa: PLC0415
+  with PIL.Image.open(io.BytesIO(data)) as im:
+    value = im.getexif().get(0x0112, 1)
+  return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _jp2k_encode(op: Any, image: np.ndarray) -> bytes:
@@ -71,23 +76,14 @@ CODECS: dict[str, Codec] = {c.name: c for c in (
           sniff=lambda data: data.startswith((jp2k.SOC, jp2k.JP2_SIGNATURE)), level=jp2k.level),
     Codec("webp", "WebP", (".webp",), "libwebp", encode=lambda op, image: webp.encode(image, op.quality),
           decode=webp.decode, sniff=webp.sniff, level=_no_level, lossless=webp.lossless, size=webp.size,
-          orientation=lambda data: exif_orientation(data)),
+          orientation=exif_orientation),
     Codec("avif", "AVIF", (".avif",), "libavif", encode=lambda op, image: avif.encode(image, op.quality),
           decode=avif.decode, sniff=avif.sniff, level=_no_level, size=avif.size, bits=avif.bits,
-          orientation=lambda data: exif_orientation(data)),
+          orientation=exif_orientation),
     Codec("jxl", "JPEG XL", (".jxl",), "libjxl", encode=lambda op, image: jxl.encode(image, op.distance),
           decode=jxl.decode, sniff=jxl.sniff, level=_no_level, lossless=jxl.lossless, size=jxl.size,
           bits=lambda data: jxl.header(data).bits),
 )}
-
-
-def exif_orientation(data: bytes) -> int:
-  """The EXIF orientation (1-8) Pillow reads from a WebP EXIF chunk or AVIF `irot` / `imir` / Exif item."""
-  import io  # noqa: PLC0415
-  import PIL.Image  # noqa: PLC0415
-  with PIL.Image.open(io.BytesIO(data)) as im:
-    value = im.getexif().get(0x0112, 1)
-  return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def get(name: str) -> Codec:
