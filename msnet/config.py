@@ -23,6 +23,8 @@ from msnet import errors, methods
 GRADIENT_STAGE_CONFIGS = ("baseline", "branch", "master", "gate", "da_fc8", "da_fc67", "da_fc678", "stability",
                           "augmix", "alexnet_baseline")  # config.stages entries of the trained stages
 COMPARISON_STAGES = ("da_fc8", "da_fc67", "da_fc678", "stability", "deepcloak", "alexnet_baseline", "augmix")
+# Stages whose network is a master (bins out) rather than a K=1 slave: `shared.stages` does not swap the two.
+MASTER_STAGES = ("master", "gate")
 # Stages beyond the paper, trained after the master when listed in config.extensions.
 EXTENSION_STAGES = ("calibrate", "gate")
 # The JPEG part of the transcode sweep (the JPEG 2000 part depends on the image size: `cifar_jp2k`).
@@ -188,6 +190,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Which stages beyond the paper `msnet run` trains (EXTENSION_STAGES): "calibrate" (temperatures for the
   # ams_cal / map_cal rules; needs data.holdout_examples > 0) and "gate" (the learned gate).
   c.extensions = ()
+
+  # Parts of another run reused without redoing them (linked, not copied): its data/ (`data`: the shards, so
+  # both runs need the same data, bins and sweeps) and the stages in `stages`, each "stage" (that run's same
+  # stage) or "stage=source" (that run's `source` stage as this run's `stage`). ("master", "baseline=augmix")
+  # grows this run's branches from the other run's AugMix network and routes them with its master.
+  c.shared = ml_collections.ConfigDict(dict(workdir="", data=False, stages=()))
 
   c.train = ml_collections.ConfigDict(dict(
       global_batch=128,          # examples per optimizer step over all devices and processes
@@ -414,6 +422,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "the calibrate stage fits temperatures on held-out training images: set it > 0 (e.g. 5000), or drop "
          "'calibrate' from config.extensions")
   _check(c.stages.calibrate.ece_bins >= 1, "stages.calibrate.ece_bins", "must be >= 1")
+
+  shared = c.get("shared", ml_collections.ConfigDict(dict(workdir="", data=False, stages=())))
+  _check(bool(shared.workdir) or not (shared.data or shared.stages), "shared.workdir",
+         "required when shared.data or shared.stages is set (the run whose parts are reused)")
+  trained = {"baseline", *GRADIENT_STAGE_CONFIGS, *(f"branch_{n}" for n in names[1:])} - {"branch"}
+  targets = []
+  for entry in shared.stages:
+    stage, _, source = entry.partition("=")
+    for name in (stage, source or stage):
+      _check(name in trained, "shared.stages", f"{entry!r}: {name!r} is not a trained stage of this config "
+             f"(one of {sorted(trained)}); entries are 'stage' or 'stage=source'")
+    _check((stage in MASTER_STAGES) == ((source or stage) in MASTER_STAGES), "shared.stages",
+           f"{entry!r}: a master network and a slave network do not stand in for each other")
+    targets.append(stage)
+  _check(len(set(targets)) == len(targets), "shared.stages", f"a stage is shared twice: {list(shared.stages)}")
 
   _check(c.model.arch in registry.ARCHS, "model.arch", f"{c.model.arch!r} is not one of {sorted(registry.ARCHS)}")
   arch = registry.get(c.model.arch)

@@ -39,8 +39,38 @@ def _timed(workdir: pathlib.Path, name: str, fn: Callable[[], object]) -> object
   return out
 
 
+def link_dir(path: pathlib.Path, target: pathlib.Path) -> None:
+  """A relative symlink path -> target, made once (the workdir can move as a whole)."""
+  if path.is_symlink():
+    return
+  if path.exists():
+    raise errors.InvalidInputError(f"{path} exists and is not a link to {target}, which this run shares: remove "
+                                   f"{path} or give a fresh workdir")
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(os.path.relpath(target, path.parent), target_is_directory=True)
+
+
+def share(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Link what config.shared reuses from another run (its data/, its completed stages); done once."""
+  s = config.shared
+  if not s.workdir:
+    return
+  from msnet.train import stages as stages_lib
+  source = pathlib.Path(s.workdir)
+  if s.data:
+    if not (source / "data" / "manifest.json").exists():
+      raise errors.MissingInputError(f"config.shared.data: {source / 'data' / 'manifest.json'} is missing; run "
+                                     f"`msnet degrade --workdir={source}` first")
+    link_dir(workdir / "data", source / "data")
+  for entry in s.stages:
+    stage, _, src = entry.partition("=")
+    stages_lib.share_stage(source, workdir, config, stage, src or None)
+
+
 def degrade(config: ml_collections.ConfigDict, workdir: pathlib.Path, merge_only: bool = False) -> None:
   from msnet.data import degrade as degrade_lib
+  share(config, workdir)
   if merge_only:  # parts written by several machines: verify every shard's sha256, write manifest.json
     manifest = degrade_lib.merge_manifests(workdir, verify=True)
     _log(f"merged {manifest['num_parts']} manifest parts into {workdir / 'data' / 'manifest.json'}")
@@ -72,6 +102,7 @@ def show(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, spec: str,
 def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           stages: Sequence[str] | None = None) -> None:
   from msnet import train as train_lib
+  share(config, workdir)
   known = train_lib.stage_names(config)
   stages = list(stages or known)
   for stage in stages:

@@ -6,7 +6,7 @@ depth (re-split, `msnet.models.resplit_params`), and so does one master (it neve
 
   W/                    degrade once, baseline and master trained once (the study config's own trunk depth)
   W/depth-<d>/          data -> ../data and train/master -> ../../train/master (symlinks), train/baseline
-                        shared from W cut at d (`msnet.train.stages.share_baseline`: a ckpt symlink, no
+                        shared from W cut at d (`msnet.train.stages.share_stage`: a ckpt symlink, no
                         copy), its own branch_<bin> stages, eval/ over the study config's sweeps and methods
   W/study/depth.md      the table and figure; depth.csv, depth.png
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 from typing import Any
 
@@ -27,7 +26,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from msnet import config as config_lib, degradations, errors, models, pipeline
+from msnet import config as config_lib, degradations, models, pipeline
 from msnet.report import sections, stats, tables
 from msnet.train import stages
 
@@ -77,26 +76,15 @@ def depth_config(config: ml_collections.ConfigDict, trunk_layers: int) -> ml_col
   return c
 
 
-def _link(path: pathlib.Path, target: pathlib.Path) -> None:
-  """A relative symlink path -> target, made once (the workdir can move as a whole)."""
-  if path.is_symlink():
-    return
-  if path.exists():
-    raise errors.InvalidInputError(f"{path} exists and is not a link to {target}: the study shares W's data and "
-                                   f"master; remove {path} or give a fresh workdir")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.symlink_to(os.path.relpath(target, path.parent), target_is_directory=True)
-
-
 def prepare_depth(config: ml_collections.ConfigDict, workdir: pathlib.Path, trunk_layers: int) -> pathlib.Path:
   """W/depth-<d>/ sharing W's data, master and (re-split) baseline; returns it."""
   sub = depth_dir(workdir, trunk_layers)
   cfg = depth_config(config, trunk_layers)
   if jax.process_index() == 0:
-    _link(sub / "data", workdir / "data")
-    _link(sub / "train" / "master", workdir / "train" / "master")
+    pipeline.link_dir(sub / "data", workdir / "data")
+    pipeline.link_dir(sub / "train" / "master", workdir / "train" / "master")
     (sub / "config.json").write_text(config_lib.to_json(cfg) + "\n")  # `msnet evaluate --workdir=W/depth-d` works
-  stages.share_baseline(workdir, sub, cfg)  # every process waits for its DONE.json
+  stages.share_stage(workdir, sub, cfg)  # every process waits for its DONE.json
   return sub
 
 

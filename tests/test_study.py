@@ -123,9 +123,9 @@ def test_a_workdir_with_its_own_baseline_is_not_overwritten(studied, tmp_path):
   own = tmp_path / "train" / "baseline" / "ckpt"
   own.mkdir(parents=True)
   with pytest.raises(errors.InvalidInputError, match="holds a baseline trained in"):
-    stages.share_baseline(studied, tmp_path, study_config())
+    stages.share_stage(studied, tmp_path, study_config())
   with pytest.raises(errors.MissingInputError, match="no baseline to share"):
-    stages.share_baseline(tmp_path / "empty", tmp_path / "other", study_config())
+    stages.share_stage(tmp_path / "empty", tmp_path / "other", study_config())
 
 
 @pytest.mark.parametrize("field,value,message", [

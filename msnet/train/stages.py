@@ -26,9 +26,10 @@
 A stage's own `train_specs` (config.stages.<stage>.train_specs) replaces its default data.
 
 Trunk depth: the stages that start from the baseline load it re-split to config.model.trunk_layers
-(`load_baseline`), so a baseline trained at one depth serves branches at any other. `share_baseline` gives
-another workdir that baseline as a stage of its own without copying it: a ckpt symlink and a DONE.json whose
-`trunk` lists the layers the trunk holds there, which `load_params` applies.
+(`load_baseline`), so a baseline trained at one depth serves branches at any other. `share_stage` gives
+another workdir a completed stage (a baseline, or another run's AugMix network as its baseline: config.shared)
+without copying it: a ckpt symlink and a DONE.json whose `trunk` lists the layers the trunk holds there, which
+`load_params` applies.
 """
 
 from __future__ import annotations
@@ -90,32 +91,39 @@ def load_baseline(workdir: Any, config: ml_collections.ConfigDict) -> Any:
   return models.resplit_params(load_params(workdir, "baseline"), table, int(config.model.trunk_layers))
 
 
-def share_baseline(source: Any, workdir: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Make `source`'s completed baseline the baseline of `workdir`, cut at config.model.trunk_layers.
+def share_stage(source: Any, workdir: Any, config: ml_collections.ConfigDict, stage: str = "baseline",
+                source_stage: str | None = None) -> dict[str, Any]:
+  """Make `source`'s completed `source_stage` (default: `stage`) the `stage` of `workdir`, without copying it.
 
-  Nothing is copied: W/train/baseline/ckpt is a relative symlink to the source's checkpoints (local paths
-  only) and DONE.json (the source's, plus `trunk_layers`, the trunk's layer names and `shared_from`) makes
-  `load_params` re-split them.
+  W/train/<stage>/ckpt is a relative symlink to the source's checkpoints (local paths only) and DONE.json is the
+  source's plus `shared_from`; a slave network (every stage but config_lib.MASTER_STAGES) also gets the trunk's
+  layer names at config.model.trunk_layers, which `load_params` re-splits it to. So a baseline serves every trunk depth
+  (the study), and another run's AugMix network can be this run's baseline, its branches grown from it.
   """
-  src = pathlib.Path(os.fspath(loop.stage_dir(source, "baseline")))
-  done = loop.read_done(source, "baseline")
-  if done is None:
-    raise errors.MissingInputError(f"no baseline to share: {src / loop.DONE} is missing; train it first "
-                                   f"(msnet train --stage=baseline --workdir={source})")
-  dst = pathlib.Path(os.fspath(loop.stage_dir(workdir, "baseline")))
+  source_stage = source_stage or stage
+  if (stage in config_lib.MASTER_STAGES) != (source_stage in config_lib.MASTER_STAGES):
+    raise errors.InvalidInputError(f"stage {source_stage!r} of {source} cannot be this run's {stage!r}: a master "
+                                   "network and a slave network do not stand in for each other")
+  src = pathlib.Path(os.fspath(loop.stage_dir(source, source_stage)))
+  done = loop.read_done(source, source_stage)
+  if done is None or not (src / loop.CKPT).is_dir():
+    raise errors.MissingInputError(f"no {source_stage} to share: {src / loop.DONE} or {src / loop.CKPT} is missing; "
+                                   f"train it first (msnet train --stage={source_stage} --workdir={source})")
+  dst = pathlib.Path(os.fspath(loop.stage_dir(workdir, stage)))
   link = dst / loop.CKPT
   if link.exists() and not link.is_symlink():
-    raise errors.InvalidInputError(f"{link} holds a baseline trained in {workdir}; sharing another would hide "
+    raise errors.InvalidInputError(f"{link} holds a {stage} trained in {workdir}; sharing another would hide "
                                    "it: give a fresh workdir")
-  table = models.model_table(config.model, int(config.data.num_classes))
   if jax.process_index() == 0:
     dst.mkdir(parents=True, exist_ok=True)
     if not link.is_symlink():
       link.symlink_to(os.path.relpath(src / loop.CKPT, dst), target_is_directory=True)
-  result = {**{k: v for k, v in done.items() if k != SHARED_TRUNK}, "trunk_layers": int(config.model.trunk_layers),
-            SHARED_TRUNK: models.trunk_weight_layers(table, int(config.model.trunk_layers)),
-            "shared_from": str(src)}
-  loop.write_done(workdir, "baseline", result)
+  result = {**{k: v for k, v in done.items() if k != SHARED_TRUNK}, "shared_from": str(src)}
+  if stage not in config_lib.MASTER_STAGES:
+    table = models.model_table(config.model, int(config.data.num_classes))
+    result.update(trunk_layers=int(config.model.trunk_layers),
+                  **{SHARED_TRUNK: models.trunk_weight_layers(table, int(config.model.trunk_layers))})
+  loop.write_done(workdir, stage, result)
   return result
 
 
