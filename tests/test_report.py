@@ -34,7 +34,8 @@ BASE = {"clean": 0.80, "jpeg:5": 0.30, "jpeg:10": 0.40, "jpeg:50": 0.75, "jp2k:2
         "noise:10+jpeg:5": 0.28, "noise:10+jpeg:10": 0.38, "noise:10+jpeg:50": 0.66,
         "blur:1+jpeg:5": 0.15, "blur:1+jpeg:10": 0.25, "blur:1+jpeg:50": 0.60}
 OFFSET = {"baseline": 0.0, "ms": 0.10, "ams": 0.08, "map": 0.11, "oracle": 0.12, "bitstream": 0.12,
-          "branch_clean": 0.0, "branch_jpeg": 0.05, "da_fc8": 0.02, "da_fc678": 0.04, "stability": 0.03}
+          "branch_clean": 0.0, "branch_jpeg": 0.05, "da_fc8": 0.02, "da_fc678": 0.04, "stability": 0.03,
+          "augmix": 0.06}
 PSNR = {"jpeg": {5: 24.0, 10: 27.0, 50: 33.0}, "jp2k": {20: 31.0, 100: 26.0, 200: 23.0},
         "noise": {10: 28.0, 20: 22.0, 40: 16.0}, "blur": {1: 29.0, 2: 25.0}}
 
@@ -185,6 +186,9 @@ def test_claims_decided_from_intervals(tmp_path: pathlib.Path, correct: str | No
   text = (tmp_path / "report" / "report.md").read_text()
   claim6 = next(line for line in text.splitlines() if line.startswith("6. "))
   assert "MS - best DA 15.0 points" in claim6 and claim6.endswith(f"**{verdict_6}**.")
+  # Beyond the paper, decided the same way: MS's % change 25 against AugMix's (46 - 40) / 40 = 15.
+  claim7 = next(line for line in text.splitlines() if line.startswith("7. "))
+  assert "MS - AugMix 10.0 points" in claim7 and claim7.endswith(f"**{verdict_6}**.")
   assert ("*No per-image results in W/eval/correct/" in text) == (correct is None)
   if correct is None:
     assert "**holds**." not in text and "**fails**." not in text
@@ -248,7 +252,9 @@ def test_pct_change_undefined_when_baseline_does_not_degrade() -> None:
   # Every resample has c = d too: the interval is unbounded, and the claims on % change say why.
   assert all((r["pct_change_lo"], r["pct_change_hi"]) == (-math.inf, math.inf) for r in t1)
   text = "\n".join(claims.claims_section(rows, t1, boot))
-  assert text.count("% change is undefined") == 2 and "AMS -%" not in text
+  assert text.count("% change is undefined") == 3 and "AMS -%" not in text  # claims 3, 6 and 7
+  rows = [r for r in rows if r["method"] != "augmix"]  # a run without AugMix has no claim 7
+  assert "\n7. " not in "\n".join(claims.claims_section(rows, sections.table1_with_intervals(rows, boot), boot))
   assert math.isnan(tables.pct_change(40.0, 50.0, 60.0))  # the baseline better on JPEG-10 than clean
 
 

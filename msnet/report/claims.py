@@ -39,6 +39,8 @@ def differences(rows: Sequence[Row], t1: Sequence[dict[str, Any]], boot: stats.B
   if "ms" in methods and da:
     out["MS - best DA, % change"] = boot.interval(
         lambda a: _pct("ms")(a) - np.maximum.reduce([_pct(m)(a) for m in da]))
+  if {"ms", "augmix"} <= methods:
+    out["MS - AugMix, % change"] = boot.interval(lambda a: _pct("ms")(a) - _pct("augmix")(a))
   if {"ms", "ams"} <= methods:
     out["AMS - MS, % change"] = boot.interval(lambda a: _pct("ams")(a) - _pct("ms")(a))
   if {"ms", "oracle"} <= methods:
@@ -137,6 +139,13 @@ def claims_section(rows: Sequence[Row], t1: Sequence[dict[str, Any]], boot: stat
   else:
     lines.append("6. *MS beats the data augmentation baselines on % change*: cannot be checked (MS or DA rows "
                  "missing).")
+  augmix = "MS beats AugMix on % change (beyond the paper: AugMix is from 2020)"
+  if undefined and {"ms", "augmix"} <= set(by):  # only runs that trained AugMix have this claim
+    lines.append(f"7. *{augmix}*: cannot be checked ({why_undefined}).")
+  elif "MS - AugMix, % change" in diffs:
+    ci = diffs["MS - AugMix, % change"]
+    lines.append(_claim(7, augmix, "MS's % change - AugMix's > 0",
+                        [(_estimate("MS - AugMix", ci, " points"), stats.decide(ci))]))
   return lines + [""]
 
 
