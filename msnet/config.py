@@ -126,12 +126,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       # msnet.models.registry.ARCHS: "vgg16", "alexnet", "resnet18" / "resnet34" (CIFAR pre-activation,
-      # variant "cifar") or "resnet50" (ImageNet v1.5, variant "imagenet"); the ResNets need norm="group"
+      # variant "cifar") or "resnet50" (ImageNet v1.5, variant "imagenet"); the ResNets take norm "group" or "batch"
       arch="vgg16",
       variant="cifar",           # "cifar" (32x32, small head) or "imagenet" (224x224, fc6/fc7 4096)
       width=1.0,                 # channel width multiplier of every conv layer (cifar variant)
       fc_width=512,              # width of fc6/fc7 (4096 for the imagenet variant)
-      norm="none",               # "none" or "group" (GroupNorm after every conv, for training from scratch)
+      # "none" or "group" (GroupNorm after every conv, for training from scratch); the ResNets also "batch"
+      # (BatchNorm, torch's; running statistics per branch, in the train state: torchvision ResNet-50 weights)
+      norm="none",
       input_norm="standard",     # "standard" (x/255 - 0.5)/0.25, "caffe" (Keras VGG BGR means), "torch" (ImageNet mean/std)
       # Depth of the shared trunk: VGG-16 conv layers (conv1_1=1 ... conv5_3=13), AlexNet's (conv1=1 ...
       # conv5=5), or a ResNet's residual blocks after the stem (resnet18: 1 ... 8, resnet34/50: 1 ... 16)

@@ -1,9 +1,9 @@
 """`msnet export`: one rule of a trained workdir as a serialized `jax.export` artifact, for serving without msnet.
 
-DIR/model.jaxexport holds the rule's function with its params closed over as constants: uint8 images
-[b, S, S, 3] (and, for the rules routed by a bin given from outside, int32 bins [b]) in, float32 class
-probabilities [b, C] out, for any batch size b (a symbolic dimension). Every rule of `msnet.predict` exports,
-the calibrated ones (ams_cal, map_cal, branch_<bin>_cal) with the calibrate stage's temperatures baked in as
+DIR/model.jaxexport holds the rule's function with its params (and BatchNorm running statistics) closed over as
+constants: uint8 images [b, S, S, 3] (and, for the rules routed by a bin given from outside, int32 bins [b]) in,
+float32 class probabilities [b, C] out, for any batch size b (a symbolic dimension). Every rule of `msnet.predict`
+exports, the calibrated ones (ams_cal, map_cal, branch_<bin>_cal) with the calibrate stage's temperatures baked in as
 constants too, and gate with the gate's network. It is traced with plain XLA convolutions
 (`models.XLA_POLICY`), which every platform lowers, not the CPU formulations msnet trains with.
 DIR/export.json says what the caller must know: class names, input size, the resizing the caller does, the

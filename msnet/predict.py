@@ -71,17 +71,18 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
 
   def network(model: Any, part: str) -> Callable[..., dict[str, Any]]:
     def fn(p, x, bins):
-      return {"probs": _softmax(model.apply({"params": p[part]}, x)[0]), "branch": _no_branch(x), "bin_probs": None}
+      return {"probs": _softmax(model.apply(p[part], x)[0]), "branch": _no_branch(x), "bin_probs": None}
     return fn
 
   def deepcloak(p, x, bins):
-    logits = single.apply({"params": p["baseline"]}, x, feature_mask=p["feature_mask"])[0]
+    logits = single.apply(p["baseline"], x, feature_mask=p["feature_mask"])[0]
     return {"probs": _softmax(logits), "branch": _no_branch(x), "bin_probs": None}
 
   def branch(k: int, calibrated: bool) -> Callable[..., dict[str, Any]]:
-    def fn(p, x, bins):  # the slave cut to its k-th branch: only that branch runs
-      one = {**p["slave"], "branches": jax.tree.map(lambda a: a[k:k + 1], p["slave"]["branches"])}
-      logits = single.apply({"params": one}, x)
+    def fn(p, x, bins):  # the slave cut to its k-th branch (params and running statistics): only it runs
+      one = {c: {**v, "branches": jax.tree.map(lambda a: a[k:k + 1], v["branches"])} if "branches" in v else v
+             for c, v in p["slave"].items()}
+      logits = single.apply(one, x)
       if calibrated:
         logits = decision.temper(logits, p["temperatures"]["own_bin"][k:k + 1])  # calibrated on its own bin
       return {"probs": _softmax(logits[0]), "branch": jnp.full((x.shape[0],), k, jnp.int32), "bin_probs": None}
@@ -90,7 +91,7 @@ def rule_functions(config: ml_collections.ConfigDict, policy: models.ConvPolicy 
   def routed(rule: methods.Method) -> Callable[..., dict[str, Any]]:
     def fn(p, x, bins):  # the rule's function in msnet.methods, the one evaluation's step calls
       return rule.fn(methods.Inputs(
-          slave.apply({"params": p["slave"]}, x),  # [K, B, C]
+          slave.apply(p["slave"], x),  # [K, B, C]
           master.apply({"params": p["master"]}, x).astype(jnp.float32) if "master" in rule.parts else None,
           master.apply({"params": p["gate"]}, x) if "gate" in rule.parts else None,  # the gate: the master's arch
           p.get("temperatures"), bins if rule.bins else None))
@@ -139,7 +140,7 @@ class Predictor:
     self.traces: dict[str, int] = {}    # compiles per rule (a test checks the bucketing)
     self.loaded: list[str] = []         # param parts loaded so far, in order
     self._rules = rule_functions(config)
-    self._params: dict[str, Any] = {}   # part -> params placed on the mesh
+    self._params: dict[str, Any] = {}   # part -> params (master, gate) or variables (networks) placed on the mesh
     self._jitted: dict[str, Callable[..., dict[str, Any]]] = {}
     # Every method evaluate knows, so make_plan says which stages each rule lacks whatever the config lists.
     every = ml_collections.ConfigDict(config.to_dict())
@@ -180,22 +181,27 @@ class Predictor:
     return {part: self._params[part] for part in self._rules[rule].parts}
 
   def _load(self, part: str) -> Any:
+    """A network's variables ({"params"}, plus "batch_stats" with BatchNorm); the master's and gate's params."""
     if part == "baseline":
-      return train_lib.load_baseline(self.workdir, self.config)
+      return train_lib.load_baseline_variables(self.workdir, self.config)
     if part == "slave":
-      return train_lib.load_slave_params(self.workdir, self.config)
+      return train_lib.load_slave_variables(self.workdir, self.config)
     if part == "feature_mask":
       return np.asarray(train_lib.load_feature_mask(self.workdir), np.float32)
     if part == "temperatures":
       return calibrate.load_temperatures(self.workdir, len(self.bin_names))
     if part == "gate":
       return train_lib.load_gate_params(self.workdir)
-    return train_lib.load_params(self.workdir, part)
+    if part == "master":
+      return train_lib.load_params(self.workdir, part)
+    return train_lib.load_variables(self.workdir, part)
 
   def _place(self, part: str, params: Any) -> Any:
     if part in ("feature_mask", "temperatures"):
       return jax.device_put(params, parallel.replicated(self.mesh))
-    return jax.device_put(params, parallel.param_shardings(params, self.mesh, self.config.sharding_rules))
+    def place(tree: Any) -> Any:
+      return jax.device_put(tree, parallel.param_shardings(tree, self.mesh, self.config.sharding_rules))
+    return place(params) if part in ("master", "gate") else {c: place(v) for c, v in params.items()}
 
   def _step(self, rule: str, params: dict[str, Any]) -> Callable[..., dict[str, Any]]:
     if rule not in self._jitted:

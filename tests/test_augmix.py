@@ -199,9 +199,9 @@ def test_stage_settings_reach_the_step_and_are_validated(tmp_path) -> None:
 def test_the_train_step_draws_from_the_stage_key_and_the_step() -> None:
   """The AugMix step is a function of (state, batch, stage key): the same inputs give the same params (a resumed
   run repeats an uninterrupted one), and another step count draws other copies."""
-  def apply(params, images, train, rng):
+  def apply(params, model_state, images, train, rng):
     del train, rng
-    return jnp.mean(images.astype(jnp.float32) / 255, axis=(1, 2)) @ params["w"]
+    return jnp.mean(images.astype(jnp.float32) / 255, axis=(1, 2)) @ params["w"], model_state
 
   params = {"w": jnp.asarray(np.random.RandomState(0).randn(3, 4), jnp.float32)}
   tx = optax.sgd(0.5)

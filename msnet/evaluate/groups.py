@@ -1,4 +1,9 @@
-"""Every method's params loaded, sorted into the shared-trunk group or a group of their own, placed and jitted."""
+"""Every method's variables loaded, sorted into the shared-trunk group or a group of their own, placed and jitted.
+
+A slave network travels as its variables ({"params"}, plus {"batch_stats"} with BatchNorm: each branch its own
+running statistics, evaluated in inference mode); a method shares the baseline's trunk only when its trunk's
+params and statistics are both the baseline's.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,10 @@ class Groups:
   device-resident batches (jit compiles only the form a run calls)."""
   shared_step: Callable[..., dict[str, jax.Array]]
   shared_scan: Callable[..., dict[str, jax.Array]]
-  shared_args: tuple[Any, ...]   # params, dc_params, master_params, gate_params, temperatures, feature_mask
+  shared_args: tuple[Any, ...]   # variables, dc_variables, master_params, gate_params, temperatures, feature_mask
   layout: Layout
   single: dict[str, tuple[Callable[..., dict[str, jax.Array]], Callable[..., dict[str, jax.Array]], Any]]
-  # ^ method -> (its arch's step, the same scanned, placed params)
+  # ^ method -> (its arch's step, the same scanned, placed variables)
   traces: dict[str, int]
   flops: dict[str, float]
 
@@ -47,33 +52,37 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
   num_classes, num_bins, size = config.data.num_classes, len(config.bins), config.data.image_size
   rules = config.sharding_rules
 
-  def place(params: Any) -> tuple[Any, Any]:
-    shardings = parallel.param_shardings(params, mesh, rules)
-    return jax.device_put(params, shardings), shardings
+  def shardings_of(tree: Any) -> Any:
+    return parallel.param_shardings(tree, mesh, rules)
 
-  base = train_lib.load_baseline(workdir, config) if stage_done(workdir, "baseline") else None
+  def place(tree: Any, by_collection: bool = False) -> tuple[Any, Any]:
+    """`tree` on the mesh by the sharding rules (`by_collection`: variables, each collection like params)."""
+    shardings = {c: shardings_of(v) for c, v in tree.items()} if by_collection else shardings_of(tree)
+    return jax.device_put(tree, shardings), shardings
+
+  base = train_lib.load_baseline_variables(workdir, config) if stage_done(workdir, "baseline") else None
   single_model = models.build_slave(config.model, num_classes, 1)
-  flops = {"baseline": float(models.flops_per_image(single_model, base, size))} if base is not None else {}
+  flops = {"baseline": float(models.flops_per_image(single_model, base["params"], size))} if base is not None else {}
   heads, own = {}, {}
   for m in plan.single:
     if m == "deepcloak":
       continue
-    params = base if m == "baseline" else train_lib.load_params(workdir, m)
-    if base is not None and _same(params["trunk"], base["trunk"]):
-      heads[m] = params["branches"]
+    variables = base if m == "baseline" else train_lib.load_variables(workdir, m)
+    if base is not None and _same(models.part_of(variables, "trunk"), models.part_of(base, "trunk")):
+      heads[m] = models.part_of(variables, "branches")
     else:
-      own[m] = params
+      own[m] = variables
   branches = list(heads.values())
   slave_k = 0
   if plan.slave:
-    slave = train_lib.load_slave_params(workdir, config)
-    if not _same(slave["trunk"], base["trunk"]):
-      raise ValueError("evaluate: the assembled slave's trunk differs from the baseline's; the branch stages "
-                       "must train with the trunk frozen")
-    branches.append(slave["branches"])
+    slave = train_lib.load_slave_variables(workdir, config)
+    if not _same(models.part_of(slave, "trunk"), models.part_of(base, "trunk")):
+      raise ValueError("evaluate: the assembled slave's trunk differs from the baseline's (params or running "
+                       "statistics); the branch stages must train with the trunk frozen")
+    branches.append(models.part_of(slave, "branches"))
     slave_k = num_bins
     flops["slave"] = float(models.flops_per_image(models.build_slave(config.model, num_classes, num_bins),
-                                                  slave, size))
+                                                  slave["params"], size))
   layout = Layout(heads=list(heads), slave=slave_k,
                   branch_names=[f"branch_{b.name}" for b in config.bins] if plan.branches else [],
                   deepcloak="deepcloak" in plan.single, master=plan.master, routed=list(plan.routed),
@@ -85,14 +94,11 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
   module = params = params_sh = None
   if branches or layout.deepcloak:
     module = models.build_slave(config.model, num_classes,
-                                max(1, sum(jax.tree.leaves(b)[0].shape[0] for b in branches)))
-    stacked = {"trunk": base["trunk"]}
-    if branches:
-      stacked["branches"] = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *branches)
-    params, params_sh = place(stacked)
+                                max(1, sum(jax.tree.leaves(b["params"])[0].shape[0] for b in branches)))
+    params, params_sh = place(models.join_branches(models.part_of(base, "trunk"), branches), by_collection=True)
   dc_params = dc_sh = feature_mask = None
   if layout.deepcloak:
-    dc_params, dc_sh = place({"branches": base["branches"]})
+    dc_params, dc_sh = place(models.join_branches({}, [models.part_of(base, "branches")]), by_collection=True)
     feature_mask = jax.device_put(np.asarray(train_lib.load_feature_mask(workdir), np.float32),
                                   parallel.replicated(mesh))
   master = master_params = master_sh = gate_params = gate_sh = temperatures = None
@@ -122,10 +128,10 @@ def build_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan:
     else:
       arch_cfg, model = config.model, single_model
     expected = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                                                 jnp.zeros((1, size, size, 3), jnp.uint8))["params"])
+                                                 jnp.zeros((1, size, size, 3), jnp.uint8)))
     if jax.tree.structure(p) != jax.tree.structure(expected):
-      raise ValueError(f"evaluate: params of stage {m!r} do not match the {arch_cfg.arch} model of this config")
-    shardings = parallel.param_shardings(p, mesh, rules)
+      raise ValueError(f"evaluate: variables of stage {m!r} do not match the {arch_cfg.arch} model of this config")
+    shardings = {c: shardings_of(v) for c, v in p.items()}
     if arch_cfg.arch not in steps:
       steps[arch_cfg.arch] = tuple(make_single_step(model, mesh, shardings, traces, f"single_{arch_cfg.arch}",
                                                     stacked) for stacked in (False, True))

@@ -72,7 +72,7 @@ def zeros(num_outputs: int, num_bins: int = 0, ece_bins: int = 0) -> dict[str, j
 
 def _heads(module: Any, features: jax.Array) -> jax.Array:
   """The slave's vmapped branches alone, on given trunk features -> [K, B, C] float32 logits."""
-  return module.branches(features, False).astype(jnp.float32)
+  return module.branches(features, False, False).astype(jnp.float32)  # no dropout, running statistics
 
 
 @dataclasses.dataclass
@@ -126,7 +126,7 @@ def _jit(step: Callable[..., Any], arg_shardings: tuple[Any, ...], mesh: Any, st
 def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, num_bins: int, mesh: Any,
                      shardings: tuple[Any, Any, Any, Any], traces: dict[str, int], stacked: bool = False
                      ) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
-  """acc, params, dc_params, master_params, gate_params, temperatures, feature_mask, batch -> (acc plus this
+  """acc, variables, dc_variables, master_params, gate_params, temperatures, feature_mask, batch -> (acc plus this
   batch's sums, top-1 per image [B, outputs]); `stacked`: batch holds [N, B, ...] and top-1 is [N, B, outputs].
 
   The trunk runs once; every stacked head (K=1 methods sharing the baseline's trunk, then the slave's K
@@ -151,17 +151,17 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
     gate_logits = master.apply({"params": gate_params}, batch["image"]).astype(jnp.float32) if layout.gate else None
     if module is None:  # no method needs the trunk
       return out, jnp.zeros((mask.shape[0], 0), bool)
-    features = module.apply({"params": params}, batch["image"], method="trunk_features")
+    features = module.apply(params, batch["image"], method="trunk_features")
     probs = []
     if n_heads or layout.slave:
-      logits = module.apply({"params": params}, features, method=_heads)   # [heads + slave K, B, C]
+      logits = module.apply(params, features, method=_heads)   # [heads + slave K, B, C]
       probs.append(jax.nn.softmax(logits[:n_heads + (layout.slave if layout.branch_names else 0)], axis=-1))
       slave = logits[n_heads:]
     if layout.calibrated_branch_names:
       probs.append(jax.nn.softmax(decision.temper(slave, temperatures["own_bin"]), axis=-1))
     if layout.deepcloak:
       masked = features * feature_mask.astype(features.dtype)
-      probs.append(jax.nn.softmax(dc_module.apply({"params": dc_params}, masked, method=_heads), axis=-1))
+      probs.append(jax.nn.softmax(dc_module.apply(dc_params, masked, method=_heads), axis=-1))
     for name in layout.routed:  # each rule's function in msnet.methods, the one the predictor calls
       rule = methods.get(name)
       inputs = methods.Inputs(slave, master_logits, gate_logits, temperatures,
@@ -179,11 +179,11 @@ def make_shared_step(module: Any, dc_module: Any, master: Any, layout: Layout, n
 
 def make_single_step(model: Any, mesh: Any, param_shardings: Any, traces: dict[str, int], name: str = "single",
                      stacked: bool = False) -> Callable[..., tuple[dict[str, jax.Array], jax.Array]]:
-  """acc, params, batch -> (acc, top-1 per image [B, 1]): one whole K=1 network (a method with its own trunk,
+  """acc, variables, batch -> (acc, top-1 per image [B, 1]): one whole K=1 network (a method with its own trunk,
   e.g. stability); `stacked` as in `make_shared_step`."""
-  def step(acc, params, batch):
+  def step(acc, variables, batch):
     traces[name] = traces.get(name, 0) + 1
-    logits = model.apply({"params": params}, batch["image"], train=False)
+    logits = model.apply(variables, batch["image"], train=False)
     c1, c5, top1 = _counts(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["label"], batch["mask"])
     return {"correct1": acc["correct1"] + c1, "correct5": acc["correct5"] + c5,
             "n": acc["n"] + jnp.sum(batch["mask"], dtype=jnp.int32)}, top1

@@ -332,8 +332,13 @@ OUT_FC_INIT = nn.initializers.lecun_normal()
 
 
 def apply_table(layers: tuple[LayerSpec, ...], x: Array, train: bool, *, norm: str = "none",
-                dropout: float = 0.0, dtype: Any = jnp.float32, policy: ConvPolicy | None = None) -> Array:
-  """Runs `layers` on x, creating each weight layer under its table name in the calling compact module."""
+                norm_train: bool = False, dropout: float = 0.0, dtype: Any = jnp.float32,
+                policy: ConvPolicy | None = None) -> Array:
+  """Runs `layers` on x, creating each weight layer under its table name in the calling compact module.
+
+  `norm_train` is unused (GroupNorm has no running statistics): the signature is the one every runner has.
+  """
+  del norm_train
   for spec in layers:
     if spec.kind == "conv":
       x = Conv(spec.features, spec.kernel, spec.stride, spec.padding, dtype=dtype, policy=policy,
@@ -368,9 +373,10 @@ class Stack(nn.Module):
   run: Callable[..., Array] = apply_table
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    return self.run(self.layers, x, train, norm=self.norm, dropout=self.dropout, dtype=self.dtype,
-                    policy=self.policy)
+  def __call__(self, x: Array, train: bool = False, norm_train: bool = False) -> Array:
+    """`train`: dropout on; `norm_train`: BatchNorm in training mode (batch statistics, running ones updated)."""
+    return self.run(self.layers, x, train, norm=self.norm, norm_train=norm_train, dropout=self.dropout,
+                    dtype=self.dtype, policy=self.policy)
 
 
 def scaled(channels: int, width: float) -> int:

@@ -1,4 +1,6 @@
-"""Import VGG-16 weights from the files users have: Keras' legacy .h5 and torchvision's state dict.
+"""Import pretrained weights from the files users have: VGG-16 from Keras' legacy .h5 or torchvision's state
+dict, ResNet-50 from torchvision's state dict. `load_pretrained` picks the importer of model.arch (`IMPORTERS`,
+one entry per arch) and returns the K=1 slave's variables, {"params": ...} plus ResNet-50's {"batch_stats": ...}.
 
 Supported files:
 - Keras `vgg16_weights_tf_dim_ordering_tf_kernels.h5` (keras.applications, legacy HDF5 weights format):
@@ -17,13 +19,18 @@ Expected shapes come from the model config (width, fc_width), the number of clas
 so reduced-width files import too (the tests use them); every layer's name and shape is checked, and
 the error names the layer, the file's shape and the expected one. Entries the model has no place for
 (e.g. vgg16_bn's BatchNorm) are refused rather than dropped.
+- torchvision `resnet50` state dict (ResNet-50 v1.5; .safetensors or .pth as above) for model.arch="resnet50",
+  norm="batch", input_norm="torch": conv1, bn1, layer{1-4}.{i}.conv{1,2,3} / .bn{1,2,3} / .downsample.0 (conv) /
+  .downsample.1 (bn), fc. Each BatchNorm's weight/bias become the norm's scale/bias params, its running_mean /
+  running_var the batch_stats mean/var; num_batches_tracked is ignored (msnet's momentum is fixed). The names
+  are derived from msnet's own variable tree (`_resnet_torch_name`), so every variable is read and checked.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -45,12 +52,17 @@ class PretrainedError(errors.UserError, ValueError):
   """A weight file does not fit the configured VGG-16 (missing layer, wrong shape, unknown entries)."""
 
 
+def _expected_variables(model_cfg: ml_collections.ConfigDict, num_classes: int, image_size: int) -> Any:
+  """The K=1 slave's variable shapes for this config, without allocating."""
+  model = build_slave(model_cfg, num_classes, 1)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
+  return jax.eval_shape(model.init, jax.random.key(0), x)
+
+
 def expected_shapes(model_cfg: ml_collections.ConfigDict, num_classes: int = 1000, image_size: int = 224
                     ) -> dict[str, dict[str, tuple[int, ...]]]:
   """msnet's shapes per layer (kernel HWIO / [in, out], bias) for this config, without allocating."""
-  model = build_slave(model_cfg, num_classes, 1)
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  shapes = _expected_variables(model_cfg, num_classes, image_size)["params"]
   out = {}
   for name in LAYERS:
     part, lead = ("trunk", ()) if name in shapes["trunk"] else ("branches", (1,))
@@ -193,3 +205,80 @@ def _from_torch(path: str, want: Mapping[str, Mapping[str, tuple[int, ...]]]) ->
     _check(path, f"{src}.bias", name, "bias", b.shape, want[name]["bias"])
     layers[name] = {"kernel": np.ascontiguousarray(kernel), "bias": b}
   return layers
+
+
+# msnet's names inside a ResNet-50 row -> torchvision's module (after "layer<s>.<i>."), and leaf names.
+_BLOCK_MODULES = {"conv1": "conv1", "conv2": "conv2", "conv3": "conv3", "norm1": "bn1", "norm2": "bn2",
+                  "norm3": "bn3", "shortcut": "downsample.0", "shortcut_norm": "downsample.1"}
+_STEM_MODULES = {"conv": "conv1", "norm": "bn1"}
+_TORCH_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def _resnet_torch_name(group: str, inner: tuple[str, ...], leaf: str) -> str:
+  """torchvision's state-dict key of msnet's ResNet-50 variable group/inner.../leaf (e.g. block2_1/shortcut/kernel
+  -> layer2.0.downsample.0.weight)."""
+  if group == "stem":
+    module = _STEM_MODULES[inner[0]]
+  elif group == "fc":
+    module = "fc"
+  else:
+    stage, index = re.fullmatch(r"block(\d)_(\d+)", group).groups()
+    module = f"layer{stage}.{int(index) - 1}.{_BLOCK_MODULES[inner[0]]}"
+  return f"{module}.{_TORCH_LEAVES[leaf]}"
+
+
+# By rank: (msnet axes in torch's order, torch axes in msnet's order, torch's layout): conv OIHW <-> HWIO,
+# Linear [out, in] <-> [in, out]; vectors as they are.
+_TORCH_LAYOUTS = {4: ((3, 2, 0, 1), (2, 3, 1, 0), "[out, in, h, w]"), 2: ((1, 0), (1, 0), "[out, in]"),
+                  1: ((0,), (0,), "vector")}
+
+
+def load_pretrained_resnet50(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
+                             num_classes: int = 1000, image_size: int = 224) -> dict[str, Any]:
+  """K=1 slave variables {"params", "batch_stats"} (float32 numpy) from torchvision's resnet50 state dict."""
+  if (model_cfg.arch, model_cfg.norm, model_cfg.input_norm) != ("resnet50", "batch", "torch"):
+    raise PretrainedError(f"torchvision ResNet-50 weights need model.arch='resnet50', model.norm='batch' and "
+                          f"model.input_norm='torch', got arch={model_cfg.arch!r}, norm={model_cfg.norm!r}, "
+                          f"input_norm={model_cfg.input_norm!r}")
+  path = os.fspath(path)
+  if os.path.splitext(path)[1].lower() not in (".safetensors", ".pth", ".pt"):
+    raise PretrainedError(f"{path}: torchvision ResNet-50 weights are read from .safetensors or .pth/.pt files")
+  state = _read_torch(path)
+  used: set[str] = set()
+
+  def convert(key_path: Any, want: jax.ShapeDtypeStruct) -> np.ndarray:
+    names = [k.key for k in key_path]  # collection, part, group, inner..., leaf
+    part, group, inner, leaf = names[1], names[2], tuple(names[3:-1]), names[-1]
+    src, where = _resnet_torch_name(group, inner, leaf), "/".join(names[1:])
+    if src not in state:
+      raise PretrainedError(f"{path}: missing {src} (msnet {where}); the file is not torchvision's resnet50 state "
+                            "dict at this model.width / num_classes")
+    shape = want.shape[1:] if part == "branches" else want.shape
+    to_torch, to_msnet, layout = _TORCH_LAYOUTS[len(shape)]
+    _check(path, src, where, layout, np.shape(state[src]), tuple(shape[i] for i in to_torch))
+    used.add(src)
+    array = np.ascontiguousarray(np.asarray(state[src], np.float32).transpose(to_msnet))
+    return array[None] if part == "branches" else array
+
+  variables = jax.tree_util.tree_map_with_path(convert, _expected_variables(model_cfg, num_classes, image_size))
+  ignored = {k for k in state if k.endswith(".num_batches_tracked")}
+  if unknown := sorted(set(state) - used - ignored):
+    raise PretrainedError(f"{path}: entries {unknown[:8]}{' ...' if len(unknown) > 8 else ''} have no place in "
+                          "msnet's ResNet-50 (torchvision's resnet50 only; other depths and variants are refused)")
+  return variables
+
+
+# model.arch -> its importer: (path, model config, num_classes=, image_size=) -> the K=1 slave's variables.
+IMPORTERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "vgg16": lambda *args, **kw: {"params": load_pretrained_vgg16(*args, **kw)},
+    "resnet50": load_pretrained_resnet50,
+}
+
+
+def load_pretrained(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *, num_classes: int = 1000,
+                    image_size: int = 224) -> dict[str, Any]:
+  """The K=1 slave variables of config.model.pretrained, by the importer of model.arch."""
+  if model_cfg.arch not in IMPORTERS:
+    raise PretrainedError(f"model.pretrained: no importer for model.arch={model_cfg.arch!r} (pretrained weights "
+                          f"import for {sorted(IMPORTERS)})")
+  return IMPORTERS[model_cfg.arch](path, model_cfg, num_classes=num_classes, image_size=image_size)

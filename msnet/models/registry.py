@@ -3,7 +3,9 @@
 An entry says how to build the arch's layer table from the model config, which function runs a slice of it
 (the slave's trunk or one branch), what `model.trunk_layers` counts (the rows after which the trunk may end),
 which variants, norms and dropout it supports, and which branch layers each DA stage fine-tunes. A new network
-is one entry here, not a check in every module that reads `model.arch`.
+is one entry here, not a check in every module that reads `model.arch`. The ResNets take GroupNorm or BatchNorm
+(norm "batch": running statistics per branch, the `batch_stats` collection; resnet.py); VGG-16 and AlexNet
+none or GroupNorm. Pretrained weights are imported per arch too (msnet.models.pretrained.IMPORTERS).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ ARCHS: dict[str, Arch] = {
                     unit="conv layers", variants=("cifar", "imagenet"),
                     norms=("none", "group"), dropout=True, da_layers=FC_DA),
     **{name: Arch(table=lambda m, n, name=name: resnet.resnet_table(name, n, m.width), run=resnet.apply_resnet,
-                  unit="residual blocks", variants=(variant,), norms=("group",), dropout=False,
+                  unit="residual blocks", variants=(variant,), norms=("group", "batch"), dropout=False,
                   da_layers={"da_fc8": ("fc",)})
        for name, variant in (("resnet18", "cifar"), ("resnet34", "cifar"), ("resnet50", "imagenet"))},
 }

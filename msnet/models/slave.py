@@ -4,6 +4,11 @@ Param tree: {"trunk": {"conv1_1": {"kernel", "bias"}, ...}, "branches": {"conv5_
 (plus "<conv>_norm" {"scale", "bias"} with norm="group"); every leaf under "branches" has a leading axis K.
 A ResNet's groups are its rows ("stem", "block2_1": {"conv1", "norm1", ...}, "fc_norm", "fc"), so the cut
 moves whole residual blocks. The arch's table and runner come from `registry`.
+With model.norm="batch" (the ResNets) the network also has the `batch_stats` collection, laid out like the
+params ({"trunk": {"block1_1": {"norm1": {"mean", "var"}}}, "branches": ... with the leading K axis}): each
+branch has its own running statistics. Whole networks then travel as variables, {"params": ..., "batch_stats":
+...} ({"params": ...} alone for every other norm); `move_to_trunk`, `resplit_params`, `tile_branches`,
+`part_of` and `join_branches` take them and move every collection's layer with its params.
 All K branches run on the same trunk features in one vmapped computation and return logits [K, B, C].
 The baseline network is the slave with K=1; `tile_branches` copies its branch K times so every branch
 starts from the baseline. Trunk and branches are one network cut at `trunk_layers`, so `resplit_params` moves
@@ -62,19 +67,23 @@ class Slave(nn.Module):
   def setup(self):
     kw = dict(norm=self.norm, dropout=self.dropout, dtype=self.dtype, policy=self.policy, run=self.run)
     self.trunk = Stack(self.table[:self.trunk_size], **kw)
-    branch = nn.vmap(Stack, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                     in_axes=(None, None), out_axes=0, axis_size=self.num_branches)
+    branch = nn.vmap(Stack, variable_axes={"params": 0, "batch_stats": 0},
+                     split_rngs={"params": True, "dropout": True}, in_axes=(None, None, None), out_axes=0,
+                     axis_size=self.num_branches)
     self.branches = branch(self.table[self.trunk_size:], **kw)
 
-  def trunk_features(self, x: Array) -> Array:
+  def trunk_features(self, x: Array, norm_train: bool = False) -> Array:
     """The trunk output [B, h, w, C_trunk_out] for uint8 images x (what DeepCloak masks)."""
-    return self.trunk(normalize_input(x, self.input_norm))
+    return self.trunk(normalize_input(x, self.input_norm), False, norm_train)
 
-  def __call__(self, x: Array, *, train: bool = False, feature_mask: Array | None = None) -> Array:
-    features = self.trunk_features(x)
+  def __call__(self, x: Array, *, train: bool = False, feature_mask: Array | None = None,
+               norm_train: Collection[str] = ()) -> Array:
+    """`train`: dropout on; `norm_train`: the parts ("trunk", "branches") whose BatchNorms use the batch's
+    statistics and update their running ones (the others, and every part by default, run on running ones)."""
+    features = self.trunk_features(x, "trunk" in norm_train)
     if feature_mask is not None:
       features = features * jnp.asarray(feature_mask, features.dtype)
-    return self.branches(features, train).astype(jnp.float32)
+    return self.branches(features, train, "branches" in norm_train).astype(jnp.float32)
 
 
 def build_slave(model_cfg: ml_collections.ConfigDict, num_classes: int, num_branches: int,
@@ -90,10 +99,10 @@ def build_slave(model_cfg: ml_collections.ConfigDict, num_classes: int, num_bran
 
 
 def tile_branches(params: Mapping[str, Any], k: int) -> dict[str, Any]:
-  """Slave params (or {"params": ...}) with the single (K=1) branch copied k times on the leading axis."""
+  """Slave params (or variables) with the single (K=1) branch copied k times on the leading axis."""
   if "branches" not in params:
     if "params" in params:
-      return {**params, "params": tile_branches(params["params"], k)}
+      return {c: tile_branches(v, k) if "branches" in v else v for c, v in params.items()}
     raise KeyError(f"no 'branches' in the params (top-level keys: {sorted(params)})")
 
   def tile(path, leaf):
@@ -103,6 +112,20 @@ def tile_branches(params: Mapping[str, Any], k: int) -> dict[str, Any]:
     return jnp.repeat(leaf, k, axis=0)
 
   return {**params, "branches": jax.tree_util.tree_map_with_path(tile, params["branches"])}
+
+
+def part_of(variables: Mapping[str, Any], part: str) -> dict[str, Any]:
+  """{collection: its `part` ("trunk" or "branches")} of slave variables, collections without one left out."""
+  return {c: v[part] for c, v in variables.items() if part in v}
+
+
+def join_branches(trunk: Mapping[str, Any], branches: list[Mapping[str, Any]]) -> dict[str, Any]:
+  """Slave variables of a trunk (`part_of(v, "trunk")`) and the branches of several networks (their
+  `part_of(v, "branches")`, same layers), concatenated in order on the leading K axis."""
+  out = {c: {"trunk": t} for c, t in trunk.items()}
+  for c in dict.fromkeys(c for b in branches for c in b):
+    out.setdefault(c, {})["branches"] = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *[b[c] for b in branches])
+  return out
 
 
 def trunk_weight_layers(table: tuple[LayerSpec, ...], trunk_layers: int) -> list[str]:
@@ -126,26 +149,37 @@ def _layer_of(key: str) -> str:
 
 
 def move_to_trunk(params: Mapping[str, Any], trunk: Collection[str]) -> dict[str, Any]:
-  """Slave params with exactly the weight layers named in `trunk` (and their norms) in the trunk.
+  """Slave params (or variables: every collection moves with the params' layers) with exactly the weight layers
+  named in `trunk` (and their norms) in the trunk.
 
   The name-level core of `resplit_params`, for callers that recorded the trunk's layer names rather than a
   config (a re-split baseline's DONE.json).
   """
-  if "trunk" not in params or "branches" not in params:
-    raise KeyError(f"slave params need 'trunk' and 'branches' (top-level keys: {sorted(params)})")
+  tree = params["params"] if "params" in params else params
+  if "trunk" not in tree or "branches" not in tree:
+    raise KeyError(f"slave params need 'trunk' and 'branches' (top-level keys: {sorted(tree)})")
   trunk = set(trunk)
-  known = {_layer_of(k) for part in ("trunk", "branches") for k in params[part]}
+  known = {_layer_of(k) for part in ("trunk", "branches") for k in tree[part]}
   if unknown := sorted(trunk - known):
     raise ValueError(f"trunk layers {unknown} are not in the params (their layers: {sorted(known)}); the params "
                      "belong to another network than the one being re-split to")
-  k = jax.tree.leaves(params["branches"])[0].shape[0]
+  k = jax.tree.leaves(tree["branches"])[0].shape[0]
+  if "params" in params:
+    return {c: _move(v, trunk, k, "" if c == "params" else f"{c}/") for c, v in params.items()}
+  return _move(params, trunk, k, "")
+
+
+def _move(tree: Mapping[str, Any], trunk: set[str], k: int, where: str) -> dict[str, Any]:
+  """One collection of `move_to_trunk` (`where`: "" for the params, else "<collection>/", as messages name it).
+  The params always have both parts; another collection only the parts it has layers in (a ResNet-50 branch
+  of only `fc` has no batch_stats), as a fresh model.init lays it out."""
   new_trunk, new_branches = {}, {}
-  for key, p in params["trunk"].items():
+  for key, p in tree.get("trunk", {}).items():
     if _layer_of(key) in trunk:
       new_trunk[key] = p
     else:
       new_branches[key] = jax.tree.map(lambda x: x[None].repeat(k, axis=0), p)
-  for key, p in params["branches"].items():
+  for key, p in tree.get("branches", {}).items():
     if _layer_of(key) not in trunk:
       new_branches[key] = p
       continue
@@ -153,8 +187,8 @@ def move_to_trunk(params: Mapping[str, Any], trunk: Collection[str]) -> dict[str
       host = np.asarray(x)
       if not (host == host[:1]).all():
         raise ValueError(
-            f"branches/{key}{jax.tree_util.keystr(path)} differs between the {k} branches, so it cannot move into "
-            f"the shared trunk (one copy). Re-split the K=1 baseline to this depth instead and fine-tune the "
+            f"{where}branches/{key}{jax.tree_util.keystr(path)} differs between the {k} branches, so it cannot move "
+            f"into the shared trunk (one copy). Re-split the K=1 baseline to this depth instead and fine-tune the "
             f"branches there (msnet.train loads the baseline re-split to config.model.trunk_layers)")
     new_trunk[key] = jax.tree.map(lambda x: x[0], p)
-  return {**params, "trunk": new_trunk, "branches": new_branches}
+  return {name: part for name, part in (("trunk", new_trunk), ("branches", new_branches)) if part or not where}

@@ -6,6 +6,8 @@
   load_params(workdir, stage)                    final params of a completed stage (host NumPy)
   load_baseline(workdir, config)                 the baseline cut at config.model.trunk_layers (re-split)
   load_slave_params(workdir, config)             the K-branch slave assembled from baseline + branch stages
+  load_variables / load_baseline_variables / load_slave_variables
+                                                 the same as variables: {"params", "batch_stats" (BatchNorm)}
   load_feature_mask(workdir)                     DeepCloak's channel mask
   load_gate_params(workdir)                      the learned gate's network (a master's params)
   calibrate.load_temperatures(workdir, K)        the calibrate stage's temperatures
@@ -23,11 +25,13 @@ import ml_collections
 from msnet import errors
 from msnet.train import loop
 from msnet.train.loop import NonFiniteLossError, Preempted
-from msnet.train.stages import (known_stages, load_baseline, load_feature_mask, load_gate_params, load_params,
-                                load_slave_params, make_job, run_deepcloak, stage_names)
+from msnet.train.stages import (known_stages, load_baseline, load_baseline_variables, load_feature_mask,
+                                load_gate_params, load_params, load_slave_params, load_slave_variables, load_variables,
+                                make_job, run_deepcloak, stage_names)
 
-__all__ = ["run_stage", "stage_names", "load_params", "load_baseline", "load_slave_params", "load_feature_mask",
-           "load_gate_params", "NonFiniteLossError", "Preempted"]
+__all__ = ["run_stage", "stage_names", "load_params", "load_baseline", "load_slave_params", "load_variables",
+           "load_baseline_variables", "load_slave_variables", "load_feature_mask", "load_gate_params",
+           "NonFiniteLossError", "Preempted"]
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import tqdm
 
 from msnet import calibration, degradations, errors, models, parallel
 from msnet.train import loop
-from msnet.train.stages import load_params, load_slave_params
+from msnet.train.stages import load_params, load_slave_variables
 
 STAGE = "calibrate"
 
@@ -45,13 +45,13 @@ def holdout_logits(config: ml_collections.ConfigDict, workdir: Any) -> dict[str,
   slave = models.build_slave(config.model, num_classes, num_bins)
   master = models.build_master(config.master, num_bins)
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  slave_params = jax.device_put(load_slave_params(workdir, config), repl)
+  slave_vars = jax.device_put(load_slave_variables(workdir, config), repl)
   master_params = jax.device_put(load_params(workdir, "master"), repl)
 
   @functools.partial(jax.jit, in_shardings=(repl, repl, data), out_shardings=(data, data),
                      compiler_options=models.compiler_options())
-  def forward(sp: Any, mp: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    branch = slave.apply({"params": sp}, images, train=False).astype(jnp.float32)      # [K, B, C]
+  def forward(sv: Any, mp: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    branch = slave.apply(sv, images, train=False).astype(jnp.float32)      # [K, B, C]
     return jnp.transpose(branch, (1, 0, 2)), master.apply({"params": mp}, images).astype(jnp.float32)
 
   cap = int(config.stages.calibrate.max_examples_per_spec)
@@ -63,7 +63,7 @@ def holdout_logits(config: ml_collections.ConfigDict, workdir: Any) -> dict[str,
       source = _Prefix(source, cap)
     rows = []
     for batch in loader.source_eval_batches(source, int(config.evaluate.global_batch), mesh):
-      branch, master_logits = forward(slave_params, master_params, batch["image"])
+      branch, master_logits = forward(slave_vars, master_params, batch["image"])
       rows.append([local_rows(x, mesh) for x in (branch, master_logits, batch["label"], batch["bin"],
                                                   batch["mask"])])
     if not rows:

@@ -1,12 +1,14 @@
 """A stage's checkpoints: the train state and every process's data-iterator state, saved and restored together.
 
-W/train/<stage>/ckpt/<step>/ (orbax) holds `state` (the TrainState, restored straight into its shardings)
-and `data` (JSON: {process index: that process's loader state}). A resumed loader yields the batch the
-interrupted run would have yielded next, so a resumed stage ends with the params of an uninterrupted one.
+W/train/<stage>/ckpt/<step>/ (orbax) holds `state` (the TrainState: params, optimizer state and the model
+state, e.g. BatchNorm running statistics; restored straight into its shardings) and `data` (JSON: {process
+index: that process's loader state}). A resumed loader yields the batch the interrupted run would have yielded
+next, so a resumed stage ends with the params (and statistics) of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Protocol
 
@@ -59,15 +61,23 @@ class Checkpoints:
     return self._mngr.should_save(step)
 
   def restore(self, step: int, target: Any, loader: Resumable) -> Any:
-    """The state of `step` (into `target`'s shardings); `loader` is set to this process's saved position."""
+    """The state of `step` (into `target`'s shardings); `loader` is set to this process's saved position.
+
+    A state saved before the train state had a model state (no "model_state" on disk; only GroupNorm and
+    norm-free networks existed then) restores with the target's, {}.
+    """
+    saved = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
+    legacy = "model_state" not in saved
+    item = {f.name: getattr(target, f.name) for f in dataclasses.fields(target) if f.name != "model_state"} \
+        if legacy else target
     restored = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(item), data=ocp.args.JsonRestore()))
     iterator_states = restored.data
     if str(jax.process_index()) not in iterator_states or len(iterator_states) != jax.process_count():
       raise RuntimeError(f"{self.directory}: checkpoint of step {step} holds iterator states of "
                          f"{len(iterator_states)} processes, this run has {jax.process_count()}")
     loader.set_state(iterator_states[str(jax.process_index())])
-    return restored.state
+    return target.replace(**restored.state) if legacy else restored.state
 
   def save(self, step: int, state: Any, loader: Resumable) -> None:
     """Saves asynchronously; the loader's state is taken now, i.e. after the batches of `step` were drawn."""

@@ -55,8 +55,8 @@ class Job:
   stage: ml_collections.ConfigDict           # config.stages.<kind>: duration, optimizer, schedule
   apply_fn: step_lib.ApplyFn
   train_specs: Sequence[str]
-  init_fn: Callable[[], Any] | None = None   # traceable: params from scratch (model.init)
-  init_params: Callable[[], Any] | None = None  # host params (another stage's result), loaded lazily
+  init_fn: Callable[[], Any] | None = None   # traceable: variables from scratch (model.init)
+  init_variables: Callable[[], Any] | None = None  # host variables (another stage's result), loaded lazily
   trainable: Sequence[str] = (".*",)         # path regexes of the params that train
   loss: str = "ce"                           # "ce", "stability" or "augmix"
   mixing: Any = None                         # augmix.Settings of the "augmix" loss
@@ -126,13 +126,13 @@ class _PreemptionWatch:
 
 
 def _eval_accuracy(config: ml_collections.ConfigDict, workdir: Any, mesh: Any, eval_step: Callable,
-                   params: Any, specs: Sequence[str]) -> tuple[float | None, list[str]]:
+                   state: state_lib.TrainState, specs: Sequence[str]) -> tuple[float | None, list[str]]:
   """(accuracy, specs used) over the eval split's shards of those `specs` that exist; None if none do."""
   correct = count = 0
   present = [s for s in specs if shards.spec_dir(workdir, config.data.eval_split, s).exists()]
   for spec in present:
     for batch in loader_lib.eval_batches(workdir, config.data.eval_split, spec, config.evaluate.global_batch, mesh):
-      c, n = eval_step(params, batch)
+      c, n = eval_step(state.params, state.model_state, batch)
       correct, count = correct + int(c), count + int(n)
   return (correct / count if count else None), present
 
@@ -182,12 +182,13 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
 
   # Optimizer and state shapes first: a resumed run restores straight into the shardings.
   if job.init_fn is not None:
-    abstract_params = jax.eval_shape(job.init_fn)
+    abstract_vars = jax.eval_shape(job.init_fn)
   else:
-    host_params = job.init_params()
-    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), host_params)
+    host_vars = job.init_variables()
+    abstract_vars = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), host_vars)
+  abstract_params, abstract_model_state = state_lib.split_variables(abstract_vars)
   tx, schedule = optim.make_optimizer(job.stage, total, abstract_params, job.trainable)
-  abstract = state_lib.abstract_state(abstract_params, tx)
+  abstract = state_lib.abstract_state(abstract_params, tx, abstract_model_state)
   shardings = state_lib.state_shardings(abstract, mesh, config.sharding_rules)
 
   ckpts = checkpoint.Checkpoints(out / CKPT, config.train)
@@ -197,7 +198,8 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
   elif job.init_fn is not None:
     state = state_lib.init_state(job.init_fn, tx, shardings)
   else:
-    state = state_lib.state_from_params(host_params, tx, shardings)
+    host_params, host_model_state = state_lib.split_variables(host_vars)
+    state = state_lib.state_from_params(host_params, tx, shardings, host_model_state)
 
   mask = optim.trainable_mask(abstract_params, job.trainable)
   step_args = (job.apply_fn, tx, schedule, mask, mesh, shardings, stage_rng(config.seed, job.name))
@@ -215,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
         programs[n] = step_lib.make_train_call(*step_args, steps=n, feed=feed, **step_kw)
     return programs[n]
 
-  eval_step = step_lib.make_eval_step(job.apply_fn, mesh, shardings.params, job.label_key)
+  eval_step = step_lib.make_eval_step(job.apply_fn, mesh, shardings, job.label_key)
 
   bar = tqdm(total=total, initial=start, desc=job.name, unit="step", disable=jax.process_index() != 0,
              dynamic_ncols=True)
@@ -239,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: Any, job: Job) -> dict[str
 
   def validate(done: int, what: str) -> float | None:
     t = time.perf_counter()
-    acc, specs = _eval_accuracy(config, workdir, mesh, eval_step, state.params, job.eval_specs)
+    acc, specs = _eval_accuracy(config, workdir, mesh, eval_step, state, job.eval_specs)
     metrics.clock.exclude(time.perf_counter() - t)
     if acc is not None:
       log({"step": done, "epoch": done / steps_per_epoch, "val_accuracy": acc, "val_specs": specs},

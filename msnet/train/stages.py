@@ -25,6 +25,14 @@
 
 A stage's own `train_specs` (config.stages.<stage>.train_specs) replaces its default data.
 
+BatchNorm (model.norm="batch"): a stage loads and trains whole variables ({"params", "batch_stats"}), and a
+part of the slave (trunk, branches) runs in training mode, normalising with the batch's statistics and
+updating its running ones, only when the stage trains all of it (its trainable patterns include ".*" or
+"<part>/.*": `norm_train_parts`). So the baseline, stability and augmix update every statistic; a branch stage
+only its branch's, the frozen trunk running on (and keeping) the baseline's; da_fc8, which trains only `fc`,
+runs the whole network in inference mode; the gate runs the frozen slave on its running statistics. Every
+loader below moves each layer's statistics with its layer (re-split, shared trunk, stacked branches).
+
 Trunk depth: the stages that start from the baseline load it re-split to config.model.trunk_layers
 (`load_baseline`), so a baseline trained at one depth serves branches at any other. `share_stage` gives
 another workdir a completed stage (a baseline, or another run's AugMix network as its baseline: config.shared)
@@ -73,22 +81,32 @@ def _unique(specs: Any) -> list[str]:
   return list(dict.fromkeys(specs))
 
 
-def load_params(workdir: Any, stage: str) -> Any:
-  """Final params of a completed stage, as host NumPy arrays (put them into shardings yourself); a shared
-  baseline comes cut where its DONE.json's `trunk` says."""
+def load_variables(workdir: Any, stage: str) -> Any:
+  """Final variables ({"params": ..., "batch_stats": ... with BatchNorm}) of a completed stage, as host NumPy
+  arrays (put them into shardings yourself); a shared baseline comes cut where its DONE.json's `trunk` says."""
   done = loop.read_done(workdir, stage)
   if done is None:
     done_file = loop.stage_dir(workdir, stage) / loop.DONE
     raise errors.MissingInputError(f"stage {stage!r} is not complete (no {done_file}); "
                                    f"run `msnet train --stage={stage}` first")
-  params = restore_params(loop.stage_dir(workdir, stage) / loop.CKPT)
-  return models.move_to_trunk(params, done[SHARED_TRUNK]) if SHARED_TRUNK in done else params
+  variables = restore_variables(loop.stage_dir(workdir, stage) / loop.CKPT)
+  return models.move_to_trunk(variables, done[SHARED_TRUNK]) if SHARED_TRUNK in done else variables
+
+
+def load_params(workdir: Any, stage: str) -> Any:
+  """The params of `load_variables` (all there is to a network without BatchNorm)."""
+  return load_variables(workdir, stage)["params"]
+
+
+def load_baseline_variables(workdir: Any, config: ml_collections.ConfigDict) -> Any:
+  """The baseline's variables cut at config.model.trunk_layers, whatever depth it was trained at."""
+  table = models.model_table(config.model, int(config.data.num_classes))
+  return models.resplit_params(load_variables(workdir, "baseline"), table, int(config.model.trunk_layers))
 
 
 def load_baseline(workdir: Any, config: ml_collections.ConfigDict) -> Any:
-  """The baseline's params cut at config.model.trunk_layers, whatever depth it was trained at."""
-  table = models.model_table(config.model, int(config.data.num_classes))
-  return models.resplit_params(load_params(workdir, "baseline"), table, int(config.model.trunk_layers))
+  """The params of `load_baseline_variables`."""
+  return load_baseline_variables(workdir, config)["params"]
 
 
 def share_stage(source: Any, workdir: Any, config: ml_collections.ConfigDict, stage: str = "baseline",
@@ -127,8 +145,10 @@ def share_stage(source: Any, workdir: Any, config: ml_collections.ConfigDict, st
   return result
 
 
-def restore_params(ckpt_dir: Any, step: int | None = None) -> Any:
-  """The params of one checkpoint (default: the latest) of a stage's ckpt/, without its optimizer state."""
+def restore_variables(ckpt_dir: Any, step: int | None = None) -> Any:
+  """The variables ({"params": ..., **model_state}) of one checkpoint (default: the latest) of a stage's ckpt/,
+  without its optimizer state; checkpoints written before the train state had a model state restore as
+  {"params": ...}."""
   ckpt_dir = epath.Path(ckpt_dir)
   if step is None:  # finished orbax steps are plain integer dirs; unfinished ones carry a tmp suffix
     steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.exists() else []
@@ -137,18 +157,32 @@ def restore_params(ckpt_dir: Any, step: int | None = None) -> Any:
     step = max(steps)
   path = ckpt_dir / str(step) / "state"
   handler = ocp.PyTreeCheckpointHandler()
-  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), handler.metadata(path)["params"])
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  restored = handler.restore(path, args=ocp.args.PyTreeRestore(
-      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-  return restored["params"]
+  metadata = handler.metadata(path)
+  item = {key: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata[key])
+          for key in ("params", "model_state") if key in metadata and jax.tree.leaves(metadata[key])}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  restored = handler.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                partial_restore=True))
+  return {"params": restored["params"], **restored.get("model_state", {})}
+
+
+def restore_params(ckpt_dir: Any, step: int | None = None) -> Any:
+  """The params of `restore_variables`."""
+  return restore_variables(ckpt_dir, step)["params"]
+
+
+def load_slave_variables(workdir: Any, config: ml_collections.ConfigDict) -> Any:
+  """The K=len(bins) slave: the baseline's trunk, its branch as branch 0, branch_<bin> stages as 1..K-1, each
+  branch with its own running statistics."""
+  base = load_baseline_variables(workdir, config)
+  branches = [models.part_of(base, "branches")] + [
+      models.part_of(load_variables(workdir, f"branch_{b.name}"), "branches") for b in config.bins[1:]]
+  return models.join_branches(models.part_of(base, "trunk"), branches)
 
 
 def load_slave_params(workdir: Any, config: ml_collections.ConfigDict) -> Any:
-  """The K=len(bins) slave: the baseline's trunk, its branch as branch 0, branch_<bin> stages as 1..K-1."""
-  base = load_baseline(workdir, config)
-  branches = [base["branches"]] + [load_params(workdir, f"branch_{b.name}")["branches"] for b in config.bins[1:]]
-  return {**base, "branches": jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *branches)}
+  """The params of `load_slave_variables`."""
+  return load_slave_variables(workdir, config)["params"]
 
 
 def load_gate_params(workdir: Any) -> Any:
@@ -173,7 +207,20 @@ def _from_baseline(workdir: Any, stage: str, config: ml_collections.ConfigDict) 
   if loop.read_done(workdir, "baseline") is None:
     raise errors.MissingInputError(f"stage {stage!r} starts from the baseline, which is not complete: run "
                                    "`msnet train --stage=baseline` first")
-  return lambda: load_baseline(workdir, config)
+  return lambda: load_baseline_variables(workdir, config)
+
+
+def norm_train_parts(trainable: tuple[str, ...]) -> tuple[str, ...]:
+  """The slave's parts that run BatchNorm in training mode: those the trainable patterns cover whole."""
+  return tuple(part for part in ("trunk", "branches") if any(t in (".*", f"{part}/.*") for t in trainable))
+
+
+def _gate_variables(workdir: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The gate stage's start: params {"gate": the master's, "slave": the slave's}, the slave's other collections
+  under "slave" too."""
+  slave = load_slave_variables(workdir, config)
+  return {"params": {"gate": load_params(workdir, "master"), "slave": slave["params"]},
+          **{c: {"slave": v} for c, v in slave.items() if c != "params"}}
 
 
 def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loop.Job:
@@ -198,7 +245,7 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
     return loop.Job(
         name=stage, stage=config.stages.master, apply_fn=step_lib.master_apply(model), train_specs=specs,
         weights=weights, label_key="bin", eval_specs=every_bin,
-        init_fn=lambda: model.init({"params": key}, _dummy(config))["params"])
+        init_fn=lambda: model.init({"params": key}, _dummy(config)))
   if stage == "gate":
     for needed in ["baseline", *(f"branch_{b.name}" for b in bins[1:]), "master"]:
       if loop.read_done(workdir, needed) is None:
@@ -210,17 +257,17 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
     return loop.Job(
         name=stage, stage=config.stages.gate, apply_fn=step_lib.gate_apply(gate, slave), train_specs=specs,
         weights=weights, trainable=("gate/.*",), eval_specs=clean,
-        init_params=lambda: {"gate": load_params(workdir, "master"), "slave": load_slave_params(workdir, config)})
+        init_variables=lambda: _gate_variables(workdir, config))
 
   model = _slave(config)
   apply_fn = step_lib.slave_apply(model)
   if stage == "baseline":
     if config.model.pretrained:
-      init = dict(init_params=lambda: models.load_pretrained_vgg16(
+      init = dict(init_variables=lambda: models.load_pretrained(
           config.model.pretrained, config.model, num_classes=int(config.data.num_classes),
           image_size=int(config.data.image_size)))
     else:
-      init = dict(init_fn=lambda: model.init({"params": key, "dropout": key}, _dummy(config), train=False)["params"])
+      init = dict(init_fn=lambda: model.init({"params": key, "dropout": key}, _dummy(config), train=False))
     s = config.stages.baseline
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
                     eval_specs=clean, **init)
@@ -230,29 +277,32 @@ def make_job(config: ml_collections.ConfigDict, workdir: Any, stage: str) -> loo
       raise errors.InvalidInputError(f"stage {stage!r}: branch stages of this config are "
                                      f"{[f'branch_{n}' for n in names]}")
     b = bins[1 + names.index(stage[len("branch_"):])]
-    s = config.stages.branch
-    return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or list(b.train_specs),
-                    init_params=_from_baseline(workdir, stage, config), trainable=("branches/.*",), eval_specs=clean)
+    s, trainable = config.stages.branch, ("branches/.*",)
+    return loop.Job(name=stage, stage=s, apply_fn=step_lib.slave_apply(model, norm_train_parts(trainable)),
+                    train_specs=list(s.train_specs) or list(b.train_specs),
+                    init_variables=_from_baseline(workdir, stage, config), trainable=trainable, eval_specs=clean)
   if stage in DA_STAGES:
     s = config.stages[stage]
     da_layers = models.registry.get(config.model.arch).da_layers
     if stage not in da_layers:
       raise errors.InvalidInputError(f"stage {stage!r}: {config.model.arch} has no such layers; its DA stages are "
                                      f"{sorted(da_layers)}")
-    return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or every_bin,
-                    init_params=_from_baseline(workdir, stage, config),
-                    trainable=tuple(f"branches/{layer}/.*" for layer in da_layers[stage]), eval_specs=clean)
+    trainable = tuple(f"branches/{layer}/.*" for layer in da_layers[stage])
+    return loop.Job(name=stage, stage=s, apply_fn=step_lib.slave_apply(model, norm_train_parts(trainable)),
+                    train_specs=list(s.train_specs) or every_bin, init_variables=_from_baseline(workdir, stage, config),
+                    trainable=trainable, eval_specs=clean)
   if stage == "alexnet_baseline":
     alexnet = models.build_slave(config_lib.alexnet_model(config), int(config.data.num_classes), 1)
     s = config.stages.alexnet_baseline
     return loop.Job(name=stage, stage=s, apply_fn=step_lib.slave_apply(alexnet),
                     train_specs=list(s.train_specs) or clean, eval_specs=clean,
-                    init_fn=lambda: alexnet.init({"params": key, "dropout": key}, _dummy(config), train=False)["params"])
+                    init_fn=lambda: alexnet.init({"params": key, "dropout": key}, _dummy(config), train=False))
   if stage in ("stability", "augmix"):  # the whole baseline fine-tuned on clean data, with its own loss
     s = config.stages[stage]
     mixing = augmix.Settings.from_config(s) if stage == "augmix" else None
     return loop.Job(name=stage, stage=s, apply_fn=apply_fn, train_specs=list(s.train_specs) or clean,
-                    init_params=_from_baseline(workdir, stage, config), loss=stage, mixing=mixing, eval_specs=clean)
+                    init_variables=_from_baseline(workdir, stage, config), loss=stage, mixing=mixing,
+                    eval_specs=clean)
   raise errors.InvalidInputError(f"unknown stage {stage!r}; this config's stages are {known_stages(config)}")
 
 
@@ -266,13 +316,13 @@ def run_deepcloak(config: ml_collections.ConfigDict, workdir: Any, batch_size: i
   """
   start_t = time.perf_counter()
   dc = config.stages.deepcloak
-  params = jax.device_put(_from_baseline(workdir, "deepcloak", config)())
+  variables = jax.device_put(_from_baseline(workdir, "deepcloak", config)())
   model = _slave(config)
 
   @functools.partial(jax.jit, compiler_options=models.compiler_options())
-  def channel_diff(p: Any, x_clean: jax.Array, x_deg: jax.Array) -> jax.Array:
+  def channel_diff(v: Any, x_clean: jax.Array, x_deg: jax.Array) -> jax.Array:
     def features(x: jax.Array) -> jax.Array:
-      return model.apply({"params": p}, x, method="trunk_features").astype(jnp.float32)
+      return model.apply(v, x, method="trunk_features").astype(jnp.float32)
     return jnp.mean(jnp.abs(features(x_clean) - features(x_deg)), axis=(1, 2))  # [B, C]
 
   split = config.data.train_split
@@ -290,7 +340,7 @@ def run_deepcloak(config: ml_collections.ConfigDict, workdir: Any, batch_size: i
       pad = [idx[-1]] * (bs - len(idx))  # one batch shape: no recompiles
       xa = np.stack([r["image"] for r in a] + [clean[i]["image"] for i in pad])
       xb = np.stack([r["image"] for r in b] + [degraded[i]["image"] for i in pad])
-      d = np.asarray(channel_diff(params, xa, xb))[:len(idx)].sum(axis=0)
+      d = np.asarray(channel_diff(variables, xa, xb))[:len(idx)].sum(axis=0)
       total = d if total is None else total + d
       pairs += len(idx)
   sensitivity = total / pairs

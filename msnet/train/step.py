@@ -1,11 +1,12 @@
 """The one train step of every stage (jitted alone, or scanned K times in one call), and the masked-sum
 evaluation step.
 
-Stages differ only in what they pass in: the model's apply function, the optimizer (which params
-train), the loss ("ce", "stability", or "augmix" with its `augmix.Settings`). The
-step is jitted with explicit in/out shardings over the mesh and donates the old state; its RNG is the stage key
-folded with the step count, so a resumed run draws the same dropout, stability noise and AugMix choices as an
-uninterrupted one.
+Stages differ only in what they pass in: the model's apply function (which also says which parts of the
+network update their BatchNorm statistics), the optimizer (which params train), the loss ("ce", "stability",
+or "augmix" with its `augmix.Settings`). The state carries the model state (BatchNorm running statistics; {}
+otherwise), which the step returns updated. The step is jitted with explicit in/out shardings over the mesh
+and donates the old state; its RNG is the stage key folded with the step count, so a resumed run draws the
+same dropout, stability noise and AugMix choices as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,40 +24,51 @@ from msnet.models import compiler_options
 from msnet.train import augmix, losses
 from msnet.train.state import TrainState
 
-# apply(params, images uint8 [B,H,W,3], train, rng) -> logits [B, C]
-ApplyFn = Callable[[Any, jax.Array, bool, jax.Array], jax.Array]
+# apply(params, model_state, images uint8 [B,H,W,3], train, rng) -> (logits [B, C], the new model_state)
+ApplyFn = Callable[[Any, Any, jax.Array, bool, jax.Array], tuple[jax.Array, Any]]
 StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 CallFn = Callable[[TrainState, Any, list[Any]], tuple[TrainState, dict[str, jax.Array]]]
 
 
-def slave_apply(model: Any) -> ApplyFn:
-  """The single-branch (K=1) slave as a [B, C] classifier; stages train one branch at a time."""
-  def apply(params: Any, images: jax.Array, train: bool, rng: jax.Array) -> jax.Array:
-    logits = model.apply({"params": params}, images, train=train, rngs={"dropout": rng} if train else None)
-    return logits[0]
+def slave_apply(model: Any, norm_train: tuple[str, ...] = ("trunk", "branches")) -> ApplyFn:
+  """The single-branch (K=1) slave as a [B, C] classifier; stages train one branch at a time.
+
+  In training, the parts in `norm_train` ("trunk", "branches") run their BatchNorms on the batch's statistics
+  and return their updated running ones; the other parts, and everything in inference, use the running ones.
+  Without BatchNorm (model_state {}) `norm_train` changes nothing.
+  """
+  def apply(params: Any, model_state: Any, images: jax.Array, train: bool, rng: jax.Array) -> tuple[jax.Array, Any]:
+    variables, rngs = {"params": params, **model_state}, {"dropout": rng} if train else None
+    if train and model_state and norm_train:
+      logits, model_state = model.apply(variables, images, train=True, norm_train=norm_train, rngs=rngs,
+                                        mutable=list(model_state))
+      return logits[0], model_state
+    return model.apply(variables, images, train=train, rngs=rngs)[0], model_state
   return apply
 
 
 def master_apply(model: Any) -> ApplyFn:
   """The master as a [B, num_bins] classifier of quality bins."""
-  def apply(params: Any, images: jax.Array, train: bool, rng: jax.Array) -> jax.Array:
-    del train, rng  # the master has no dropout
-    return model.apply({"params": params}, images)
+  def apply(params: Any, model_state: Any, images: jax.Array, train: bool, rng: jax.Array) -> tuple[jax.Array, Any]:
+    del train, rng  # the master has no dropout, nor batch statistics
+    return model.apply({"params": params}, images), model_state
   return apply
 
 
 def gate_apply(gate: Any, slave: Any) -> ApplyFn:
   """The gated mixture of the K frozen branches as a [B, C] classifier: log sum_k g_k(x) p_k(y|x).
 
-  params = {"gate": the gate network's (a master: [B, K] logits), "slave": the K-branch slave's}. Returned
-  as log-probabilities, which are logits whose softmax is the mixture itself: the stage's cross-entropy is
-  the mixture's NLL, and its argmax the mixture's top-1.
+  params = {"gate": the gate network's (a master: [B, K] logits), "slave": the K-branch slave's}, model_state
+  = {collection: {"slave": ...}} (the slave's running statistics). Returned as log-probabilities, which are
+  logits whose softmax is the mixture itself: the stage's cross-entropy is the mixture's NLL, and its argmax
+  the mixture's top-1.
   """
-  def apply(params: Any, images: jax.Array, train: bool, rng: jax.Array) -> jax.Array:
-    del train, rng  # the branches are frozen (no dropout); the gate has none
+  def apply(params: Any, model_state: Any, images: jax.Array, train: bool, rng: jax.Array) -> tuple[jax.Array, Any]:
+    del train, rng  # the branches are frozen (no dropout, running statistics); the gate has none
     log_gate = jax.nn.log_softmax(gate.apply({"params": params["gate"]}, images).astype(jnp.float32), axis=-1)
-    branch = slave.apply({"params": params["slave"]}, images, train=False).astype(jnp.float32)  # [K, B, C]
-    return jax.nn.logsumexp(log_gate.T[:, :, None] + jax.nn.log_softmax(branch, axis=-1), axis=0)
+    slave_vars = {"params": params["slave"], **{c: v["slave"] for c, v in model_state.items()}}
+    branch = slave.apply(slave_vars, images, train=False).astype(jnp.float32)  # [K, B, C]
+    return jax.nn.logsumexp(log_gate.T[:, :, None] + jax.nn.log_softmax(branch, axis=-1), axis=0), model_state
   return apply
 
 
@@ -76,24 +88,24 @@ def _train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: o
     if mixing is not None:  # the clean batch and two AugMix copies (each row its own draws), as one batch
       images = jnp.concatenate([images, augmix.augmix(jnp.concatenate([images, images]), noise_rng, mixing)])
 
-    def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
       params = jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), trainable, params)
-      logits = apply_fn(params, images, True, dropout_rng)
-      if mixing is not None:
+      logits, model_state = apply_fn(params, state.model_state, images, True, dropout_rng)
+      if mixing is not None:  # one pass over clean + both copies: the statistics of all three
         clean, aug1, aug2 = jnp.split(logits, 3)
-        return losses.augmix_loss(clean, aug1, aug2, labels, mixing.js_lambda), clean
-      if loss == "stability":
+        return losses.augmix_loss(clean, aug1, aug2, labels, mixing.js_lambda), (clean, model_state)
+      if loss == "stability":  # two passes in training mode update the statistics twice, as torch's would
         perturbed = losses.perturb(images, noise_rng, noise_sigma)
-        logits_p = apply_fn(params, perturbed, True, jax.random.fold_in(dropout_rng, 1))
-        return losses.stability_loss(logits, logits_p, labels, alpha), logits
-      return losses.cross_entropy(logits, labels), logits
+        logits_p, model_state = apply_fn(params, model_state, perturbed, True, jax.random.fold_in(dropout_rng, 1))
+        return losses.stability_loss(logits, logits_p, labels, alpha), (logits, model_state)
+      return losses.cross_entropy(logits, labels), (logits, model_state)
 
-    (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (value, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": value, "accuracy": losses.accuracy(logits, labels),
                "lr": jnp.asarray(schedule(state.step), jnp.float32), "grad_norm": optax.tree.norm(grads)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state), metrics
 
   return step
 
@@ -171,15 +183,16 @@ def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedul
                  out_shardings=(shardings, repl), donate_argnums=0, compiler_options=compiler_options())
 
 
-def make_eval_step(apply_fn: ApplyFn, mesh: Mesh, param_shardings: Any, label_key: str = "label"
-                   ) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
-  """eval(params, batch) -> (correct, count) summed over the global batch, padding masked out."""
-  def evaluate(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    logits = apply_fn(params, batch["image"], False, jax.random.key(0))
+def make_eval_step(apply_fn: ApplyFn, mesh: Mesh, shardings: TrainState, label_key: str = "label"
+                   ) -> Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
+  """eval(params, model_state, batch) -> (correct, count) summed over the global batch, padding masked out;
+  the network in inference mode (BatchNorm on its running statistics)."""
+  def evaluate(params: Any, model_state: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    logits, _ = apply_fn(params, model_state, batch["image"], False, jax.random.key(0))
     mask = batch["mask"].astype(jnp.int32)
     correct = (jnp.argmax(logits, axis=-1) == batch[label_key]).astype(jnp.int32)
     return jnp.sum(correct * mask), jnp.sum(mask)
 
   repl = parallel.replicated(mesh)
-  return jax.jit(evaluate, in_shardings=(param_shardings, parallel.data_sharding(mesh)), out_shardings=(repl, repl),
-                 compiler_options=compiler_options())
+  return jax.jit(evaluate, in_shardings=(shardings.params, shardings.model_state, parallel.data_sharding(mesh)),
+                 out_shardings=(repl, repl), compiler_options=compiler_options())
