@@ -93,6 +93,6 @@ def _accelerator(c) -> None:
   c.degrade.num_workers = 14
   c.stages.baseline.lr *= 4
   c.stages.baseline.warmup_steps = 40
-  for name in ("branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability"):
+  for name in ("branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability", "augmix"):
     c.stages[name].steps = -(-c.stages[name].steps // scale)
     c.stages[name].lr *= 4

@@ -41,6 +41,8 @@ def test_every_config_validates(path, arg):
     ("extensions", ("calibrate", "temperature"), "config.extensions: 'temperature' is not one of"),
     ("extensions", ("calibrate",), "config.data.holdout_examples: the calibrate stage fits"),
     ("stages.calibrate.ece_bins", 0, "config.stages.calibrate.ece_bins"),
+    ("shared.stages", ("master",), "config.shared.workdir: required when shared.data or shared.stages"),
+    ("shared.data", True, "config.shared.workdir: required"),
 ])
 def test_impossible_values_name_the_field(field, value, message):
   c = _load(ROOT / "configs" / "demo.py", None)
@@ -51,6 +53,36 @@ def test_impossible_values_name_the_field(field, value, message):
   node[leaf] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize("stages,message", [
+    (("branch",), "'branch' is not a trained stage of this config"),
+    (("baseline=deepcloak",), "'deepcloak' is not a trained stage"),
+    (("baseline=master",), "a master network and a slave network do not stand in for each other"),
+    (("master", "master=gate"), "a stage is shared twice"),
+])
+def test_bad_shared_stages_are_refused(stages, message):
+  c = _load(ROOT / "configs" / "demo.py", None)
+  c.shared.workdir, c.shared.stages = "/elsewhere", stages
+  with pytest.raises(config_lib.ConfigError, match=f"config.shared.stages: .*{re.escape(message)}"):
+    config_lib.validate(c)
+
+
+def test_resnet_pair_grows_its_branches_from_the_other_runs_augmix():
+  c = _load(ROOT / "configs" / "cifar10_resnet.py", "on_augmix")
+  with pytest.raises(config_lib.ConfigError, match="config.shared.workdir: required"):
+    config_lib.validate(c)  # the run it grows from is named on the command line
+  c.shared.workdir = "runs/resnet-s0"
+  config_lib.validate(c)
+  assert c.shared.data and set(c.shared.stages) == {"master", "baseline=augmix"} and c.comparisons == ()
+
+
+def test_accelerator_config_keeps_every_stages_images_seen():
+  cpu, gpu = (_load(ROOT / "configs" / "cifar10_repro.py", arg) for arg in (None, "gpu"))
+  scale = gpu.train.global_batch // cpu.train.global_batch
+  for name in ("branch", "master", "da_fc8", "da_fc67", "da_fc678", "stability", "augmix"):
+    assert gpu.stages[name].steps == -(-cpu.stages[name].steps // scale), name
+  assert gpu.stages.baseline.epochs == cpu.stages.baseline.epochs
 
 
 def test_bad_spec_in_sweep_is_refused():
