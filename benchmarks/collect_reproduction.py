@@ -4,7 +4,8 @@
   python benchmarks/collect_reproduction.py --into beyond --run runs/beyond-s0 ...   # -> reproduction/beyond/seed0
   python benchmarks/collect_reproduction.py --run runs/web --dest benchmarks/results/web/per_codec  # any one run
 
-Per run (seed<N>/): config.json, timings.json, every stage's DONE.json, the baseline's metrics.jsonl, and
+Per run (seed<N>/): config.json, timings.json, every stage's DONE.json, the baseline's metrics.jsonl (unless it is
+shared from another run: config.shared), and
 W/eval (results.json/.csv, master.json, reliability.json, correct/: every image's top-1 per method and spec),
 which is all `msnet report --runs` reads, so later seeds pool with these without re-running them; W/report
 (report.md, table1.csv, figures); and a run.log.gz beside the workdir's files (benchmarks/device_run.sh's log). From the depth study: W/study (depth.md, depth.csv, depth.png). Checkpoints and
@@ -36,7 +37,8 @@ def collect_run(run: pathlib.Path, into: str = "", dest: pathlib.Path | None = N
   dst = dest or OUT / into / f"seed{seed}"
   for name in ("config.json", "timings.json", "eval", "report"):
     _copy(run / name, dst / name)
-  _copy(run / "train" / "baseline" / "metrics.jsonl", dst / "train" / "baseline" / "metrics.jsonl")
+  if "shared_from" not in json.loads((run / "train" / "baseline" / "DONE.json").read_text()):  # trained here
+    _copy(run / "train" / "baseline" / "metrics.jsonl", dst / "train" / "baseline" / "metrics.jsonl")
   for done in sorted((run / "train").glob("*/DONE.json")):
     _copy(done, dst / "train" / done.parent.name / "DONE.json")
   if (run / "run.log.gz").exists():
