@@ -16,7 +16,9 @@ Written to --out: report.md (the tables and verdicts), results.json (every numbe
 over its corruptions and severities; its mCE is the mean over corruptions of CE_c = sum_s err_m / sum_s
 err_baseline (normalised by the baseline, so not comparable with published mCE). Training cost: forward FLOPs
 per image x 3 for a trained layer (forward and backward), x 1 for a frozen one, times images seen (DONE.json's
-steps x global batch); AugMix's step sees each image three times (clean and two AugMix copies).
+steps x global batch); AugMix's step sees each image three times (clean and two AugMix copies). "train s" is the
+mean over seeds of the stages' wall time beyond the baseline's on the machine that ran them (AugMix's operations
+themselves cost no FLOPs in the model but take time on the CPU).
 """
 
 from __future__ import annotations
@@ -131,6 +133,25 @@ def cost(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
               "infer_mflops": infer[m] / 1e6} for m in METHODS}
 
 
+def wall(runs: Sequence[pathlib.Path], grown: Sequence[pathlib.Path]) -> dict[str, float]:
+  """Per method: the mean over seeds of its stages' wall seconds beyond the baseline (DONE.json), as measured,
+  with whatever else shared the machine: a rough second cost, beside the FLOPs."""
+  def seconds(run: pathlib.Path, *stage_names: str) -> float:
+    return sum(float(json.loads((run / "train" / st / "DONE.json").read_text())["wall_time_s"]) for st in stage_names)
+
+  out: dict[str, list[float]] = {m: [] for m in METHODS}
+  for w, v in zip(runs, grown):
+    bins = [b.name for b in config_lib.from_json((w / "config.json").read_text()).bins[1:]]
+    own, grown_branches = (seconds(r, *(f"branch_{b}" for b in bins)) for r in (w, v))
+    per = {"baseline": 0.0, "da_fc8": seconds(w, "da_fc8"), "augmix": seconds(w, "augmix"),
+           "ms": own + seconds(w, "master"), "map": own + seconds(w, "master"), "oracle": own,
+           "oracle+augmix": seconds(w, "augmix") + grown_branches}
+    per["ms+augmix"] = per["map+augmix"] = per["oracle+augmix"] + seconds(w, "master")
+    for m in METHODS:
+      out[m].append(per[m])
+  return {m: float(np.mean(v)) for m, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--runs", required=True, help="comma-separated workdirs of configs/cifar10_resnet.py")
@@ -175,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
   gain = lambda m: lambda a: 100.0 * (a[(m, JPEG10)] - a[("baseline", JPEG10)])  # noqa: E731
   additivity = boot.interval(lambda a: gain("ms+augmix")(a) - gain("ms")(a) - gain("augmix")(a))
   costs = cost(runs[0])
+  for m, seconds in wall(runs, grown).items():
+    costs[m]["train_wall_s"] = seconds
   per_seed = []
   for s, (w, v) in enumerate(zip(runs, grown)):
     cells = merged(stats.load_correct(w / "eval"), stats.load_correct(v / "eval"), str(v))
@@ -212,10 +235,11 @@ def render(r: Mapping[str, Any]) -> str:
            f"intervals ({r['resamples']:,} resamples). Made by `benchmarks/resnet_vs_augmix.py` (its docstring has "
            "the commands and the cost model).", "",
            tables.markdown(["method", "clean top-1", "JPEG-10 top-1", "% change", "external mean top-1",
-                            "external mCE", "train GFLOPs beyond baseline", "baseline epochs", "MFLOPs / image"],
+                            "external mCE", "train GFLOPs beyond baseline", "baseline epochs", "train s", "MFLOPs / image"],
                            [[names[m], _ci(t[m]["clean"]), _ci(t[m]["jpeg10"]), _ci(t[m]["pct_change"]),
                              _ci(t[m].get("ext_mean_top1")), _ci(t[m].get("ext_mce"), 3), f"{c[m]['train_gflops']:,.0f}",
-                             f"{c[m]['train_baseline_epochs']:.2f}", f"{c[m]['infer_mflops']:.1f}"]
+                             f"{c[m]['train_baseline_epochs']:.2f}", f"{c[m]['train_wall_s']:.0f}",
+                             f"{c[m]['infer_mflops']:.1f}"]
                             for m in METHODS]), "",
            "Verdicts (a - b; better / worse when the whole interval is on one side of 0, else undecided; for mCE "
            "lower is better):", "",
