@@ -2,6 +2,12 @@ r"""The trunk-depth study: branches, MS/AMS/oracle and the cost of a branch at s
 
   msnet study --config=configs/depth_study.py --workdir=runs/depth          # 4 depths on the demo's network
   msnet study --config=configs/depth_study.py:runlocal --workdir=/tmp/depth  # 2 depths, tiny steps
+  msnet study --config=configs/depth_study.py:repro --workdir=runs/depth-repro  # the reproduction's network
+
+`:repro` studies the network of configs/cifar10_repro.py instead (all 50,000 training and 10,000 test images, its
+stage lengths: 3,000-step branches) at depths 2, 3, 4 and 7, which decides the depth that config uses (4, chosen on
+the demo's network with intervals too wide to decide: issue 21). About 80 minutes on 2 idle CPU cores, from the
+reproduction's stage times: the baseline 26 min, then per depth two branches (11 min) and the evaluation.
 
 The demo's data, network and stages (configs/demo.py): one baseline and one master, trained once, and per
 depth the branches for JPEG 5-20 and JPEG 2000 12:1-24:1 from the baseline re-split at that depth, each
@@ -17,8 +23,9 @@ from msnet import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg)
-  c = config_lib.config_file(pathlib.Path(__file__).with_name("demo.py"), arg)
+  args = config_lib.parse_arg(arg, known=("runlocal", "repro"))
+  base = "cifar10_repro.py" if args.get("repro") else "demo.py"
+  c = config_lib.config_file(pathlib.Path(__file__).with_name(base), "runlocal" if args.get("runlocal") else None)
   c.comparisons = ()                     # no DA / stability / DeepCloak / AlexNet: the study trains none of them
   c.stages.deepcloak.train_specs = ()    # so `msnet degrade` writes no shards for DeepCloak
   c.evaluate.methods = ("baseline", "branches", "ms", "ams", "oracle")
@@ -38,6 +45,8 @@ def get_config(arg: str | None = None):
       resamples=2000,                    # bootstrap resamples of the test images for the % change intervals
       level=0.95,                        # confidence level of those intervals
   ))
+  if args.get("repro"):
+    c.study.trunk_layers = (2, 3, 4, 7)
   if args.get("runlocal"):
     c.study.trunk_layers = (4, 10)
     c.study.specs = ("clean", "jpeg:10", "jp2k:24")
