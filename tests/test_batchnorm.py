@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msnet import export, models, parallel, predict
+from msnet import export, models, parallel, predict, train
 from msnet.data import shards
 from msnet.train import checkpoint, optim, stages, state as state_lib, step as step_lib
 
@@ -214,3 +214,14 @@ def test_evaluation_predict_and_export_use_the_running_stats(pipeline, tmp_path)
   batch_mode = np.asarray(single.apply(base, x[:16], train=True, norm_train=("trunk", "branches"),
                                        mutable=["batch_stats"])[0])[0]
   assert not np.allclose(batch_mode, base_logits[:16], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_gate_runs_the_frozen_slave_on_its_running_stats(pipeline):
+  """The gate stage carries the slave's statistics as its model state (under "slave") and keeps them."""
+  workdir, predictor = pipeline
+  config = predictor.config
+  train.run_stage(config, workdir, "gate")
+  saved = stages.load_variables(workdir, "gate")
+  assert sorted(saved["params"]) == ["gate", "slave"]
+  assert _leaves_equal(saved["batch_stats"]["slave"], stages.load_slave_variables(workdir, config)["batch_stats"])

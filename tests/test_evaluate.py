@@ -124,11 +124,17 @@ def _stage_params(cfg: Any) -> tuple[dict[str, Any], np.ndarray]:
   return params, mask
 
 
+def stand_in_networks(monkeypatch: Any, params: dict[str, Any]) -> None:
+  """Random-init params stand in for the completed stages' networks (as variables: these have no BatchNorm)."""
+  monkeypatch.setattr(train_lib, "load_params", lambda workdir, stage: params[stage])
+  monkeypatch.setattr(train_lib, "load_variables", lambda workdir, stage: {"params": params[stage]})
+  monkeypatch.setattr(train_lib, "load_baseline_variables", lambda workdir, config: {"params": params["baseline"]})
+  monkeypatch.setattr(train_lib, "load_slave_variables", lambda workdir, config: {"params": params["slave"]})
+
+
 def _stand_in(monkeypatch: Any, params: dict[str, Any], mask: np.ndarray) -> None:
   """Random-init params stand in for the checkpoints of the completed stages."""
-  monkeypatch.setattr(train_lib, "load_params", lambda workdir, stage: params[stage])
-  monkeypatch.setattr(train_lib, "load_baseline", lambda workdir, config: params["baseline"])
-  monkeypatch.setattr(train_lib, "load_slave_params", lambda workdir, config: params["slave"])
+  stand_in_networks(monkeypatch, params)
   monkeypatch.setattr(train_lib, "load_feature_mask", lambda workdir: mask)
   monkeypatch.setattr(train_lib, "load_gate_params", lambda workdir: params["gate"])
 

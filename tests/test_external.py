@@ -25,12 +25,11 @@ from PIL import Image
 import pytest
 
 from msnet import config as config_lib, errors, models
-from msnet import train as train_lib
 from msnet.evaluate import external
 from msnet.report import external as report_external
 from msnet.report import run as report_run
 from msnet.report import stats
-from test_evaluate import _random_params, _softmax  # random params from a module's shapes; NumPy softmax
+from test_evaluate import _random_params, _softmax, stand_in_networks  # random params, NumPy softmax, stand-in loaders
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 GLOBAL_BATCH = 8        # 1 per fake device; cells of 5-7 files: padded batches, one with an unreadable file
@@ -179,9 +178,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
   p = model.params
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train_lib, "load_params", lambda workdir, stage: p[stage])
-    mp.setattr(train_lib, "load_baseline", lambda workdir, config: p["baseline"])
-    mp.setattr(train_lib, "load_slave_params", lambda workdir, config: p["slave"])
+    stand_in_networks(mp, p)
     out = {name: external.run_external(cfg, workdir, sets / name, layout=layout)
            for name, layout in (("inet", None), ("c10c", None), ("mine", "folder"))}
   return dict(workdir=workdir, sets=sets, cfg=cfg, model=model, rows=out, broken=broken,
@@ -258,9 +255,7 @@ def test_workdir_own_files_untouched_and_rerun_skips(evaluated: dict[str, Any], 
   assert sorted(p.name for p in (workdir / "eval" / "external" / "inet" / "correct").iterdir()) == [
       "gaussian_noise-1.npz", "gaussian_noise-2.npz", "jpeg_compression-1.npz", "jpeg_compression-2.npz"]
   p = evaluated["model"].params
-  monkeypatch.setattr(train_lib, "load_params", lambda workdir, stage: p[stage])
-  monkeypatch.setattr(train_lib, "load_baseline", lambda workdir, config: p["baseline"])
-  monkeypatch.setattr(train_lib, "load_slave_params", lambda workdir, config: p["slave"])
+  stand_in_networks(monkeypatch, p)
   calls = []
 
   class Evaluated(Exception):

@@ -492,7 +492,7 @@ def test_gate_trains_only_the_gate_and_outputs_the_gated_mixture(trained):
   x = np.random.RandomState(2).randint(0, 256, (5, 32, 32, 3)).astype(np.uint8)
   gate_net = models.build_master(config.master, 3)
   slave_net = models.build_slave(config.model, 10, 3)
-  out = np.asarray(step_lib.gate_apply(gate_net, slave_net)(saved, x, False, jax.random.key(0)))
+  out = np.asarray(step_lib.gate_apply(gate_net, slave_net)(saved, {}, x, False, jax.random.key(0))[0])
 
   def softmax(z):
     z = np.asarray(z, np.float64)

@@ -1,5 +1,5 @@
 """Models: the slave (shared trunk + vmapped branches) over VGG-16 / AlexNet / ResNet tables (the arch registry),
-the master, the fast CPU conv, pretrained VGG-16 import, and analytic FLOPs / receptive fields."""
+the master, the fast CPU conv, pretrained VGG-16 / ResNet-50 import, and analytic FLOPs / receptive fields."""
 
 from msnet.models import registry
 from msnet.models.analysis import flops_per_image, layer_flops, receptive_fields

@@ -49,7 +49,7 @@ TORCH_NAMES = dict(zip(LAYERS, [f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14
 
 
 class PretrainedError(errors.UserError, ValueError):
-  """A weight file does not fit the configured VGG-16 (missing layer, wrong shape, unknown entries)."""
+  """A weight file does not fit the configured network (missing layer, wrong shape, unknown entries)."""
 
 
 def _expected_variables(model_cfg: ml_collections.ConfigDict, num_classes: int, image_size: int) -> Any:
