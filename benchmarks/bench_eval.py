@@ -98,9 +98,11 @@ def stand_in_params(c: Any) -> None:
   last_conv = [name for name in base["trunk"] if not name.endswith("_norm")][-1]   # the trunk's output channels
   mask = np.ones(base["trunk"][last_conv]["bias"].shape, np.float32)
   mask[::100] = 0.0
+  params["baseline"] = base
   train_lib.load_params = lambda workdir, stage: params[stage]
-  train_lib.load_baseline = lambda workdir, config: base
-  train_lib.load_slave_params = lambda workdir, config: slave
+  train_lib.load_variables = lambda workdir, stage: {"params": params[stage]}  # no BatchNorm: params only
+  train_lib.load_baseline_variables = lambda workdir, config: {"params": base}
+  train_lib.load_slave_variables = lambda workdir, config: {"params": slave}
   train_lib.load_feature_mask = lambda workdir: mask
 
 

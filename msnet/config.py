@@ -140,7 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
       trunk_layers=10,
       dropout=0.0,               # dropout before fc6/fc7 (the imagenet VGG uses 0.5; ResNets have none)
       compute_dtype="float32",   # "float32" or "bfloat16" (params stay float32)
-      pretrained="",             # path of a Keras .h5 or torchvision .safetensors/.pth VGG-16 (imagenet)
+      # pretrained weights (imagenet variant): a Keras .h5 or torchvision .safetensors/.pth VGG-16, or a torchvision
+      # ResNet-50 (model.norm="batch", input_norm="torch"); msnet.models.pretrained.IMPORTERS
+      pretrained="",
   ))
 
   c.master = ml_collections.ConfigDict(dict(

@@ -174,18 +174,18 @@ def test_evaluate_in_a_workdir_whose_baseline_has_another_depth(studied, tmp_pat
 
 
 def test_another_stage_stands_in_for_the_baseline_through_config_shared(studied, tmp_path):
-  # config.shared as the ResNet pair uses it ("baseline=augmix"): here W's branch_jpeg network (a K=1 slave too)
-  # becomes the baseline of a new run, cut at that run's depth; the master and the shards are linked, not copied.
+  # config.shared as the ResNet pair uses it ("baseline=augmix"): here depth 4's branch_jpeg network (a K=1 slave
+  # too) becomes the baseline of a new run, cut at that run's depth; the master and the shards are linked, not copied.
   from msnet import pipeline  # noqa: PLC0415
+  source = studied / "depth-4"
   cfg = study_config()
-  cfg.shared.workdir, cfg.shared.data, cfg.shared.stages = str(studied), True, ("master", "baseline=branch_jpeg")
+  cfg.shared.workdir, cfg.shared.data, cfg.shared.stages = str(source), True, ("master", "baseline=branch_jpeg")
   cfg.model.trunk_layers = 2
   pipeline.share(cfg, tmp_path)
   pipeline.share(cfg, tmp_path)  # once made, the links are kept
   assert (tmp_path / "data").resolve() == (studied / "data").resolve()
-  source = stages.load_params(studied, "branch_jpeg")
   table = models.model_table(cfg.model, int(cfg.data.num_classes))
-  want = models.resplit_params(source, table, 2)
+  want = models.resplit_params(stages.load_params(source, "branch_jpeg"), table, 2)
   got = stages.load_params(tmp_path, "baseline")
   assert jax.tree.structure(got) == jax.tree.structure(want)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
@@ -194,6 +194,6 @@ def test_another_stage_stands_in_for_the_baseline_through_config_shared(studied,
   assert jax.tree.leaves(stages.load_params(tmp_path, "master"))[0].tolist() == \
       jax.tree.leaves(stages.load_params(studied, "master"))[0].tolist()
   with pytest.raises(errors.InvalidInputError, match="do not stand in for each other"):
-    stages.share_stage(studied, tmp_path / "x", cfg, "baseline", "master")
+    stages.share_stage(source, tmp_path / "x", cfg, "baseline", "master")
   with pytest.raises(errors.MissingInputError, match="no augmix to share"):
-    stages.share_stage(studied, tmp_path / "x", cfg, "baseline", "augmix")
+    stages.share_stage(source, tmp_path / "x", cfg, "baseline", "augmix")
