@@ -67,11 +67,9 @@ def merged(own: Mapping[stats.Key, np.ndarray], grown: Mapping[stats.Key, np.nda
   return cells
 
 
-def load(runs: Sequence[pathlib.Path], grown: Sequence[pathlib.Path], sub: str) -> dict[stats.Key, np.ndarray]:
-  """The pooled per-image correct counts of every method, from W/<sub> and V/<sub> (eval/ or an external set)."""
-  per_run = [merged(stats.load_correct(w / sub), stats.load_correct(v / sub), f"{v / sub}")
-             for w, v in zip(runs, grown)]
-  return stats.pool_runs(per_run, names=[str(w) for w in runs])
+def load(runs: Sequence[pathlib.Path], grown: Sequence[pathlib.Path], sub: str) -> list[dict[stats.Key, np.ndarray]]:
+  """Each pair's per-image results of every method, from W/<sub> and V/<sub> (eval/ or an external set)."""
+  return [merged(stats.load_correct(w / sub), stats.load_correct(v / sub), f"{v / sub}") for w, v in zip(runs, grown)]
 
 
 def pct(m: str) -> Callable[[Mapping[stats.Key, Any]], Any]:
@@ -165,8 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(f"--runs has {len(runs)} workdirs and --on-augmix {len(grown)}: give one grown run per run")
   ext_sub = f"eval/external/{args.external}"
   sweeps = json.loads((runs[0] / ext_sub / "results.json").read_text())["meta"]["sweeps"]
-  boot = stats.paired_bootstrap(load(runs, grown, "eval"), resamples=RESAMPLES, seed=SEED, runs=len(runs))
-  ext = stats.paired_bootstrap(load(runs, grown, ext_sub), resamples=RESAMPLES, seed=SEED, runs=len(runs))
+  names = [str(w) for w in runs]
+  per_run = load(runs, grown, "eval")  # also the per-seed table's
+  boot = stats.paired_bootstrap(stats.pool_runs(per_run, names), resamples=RESAMPLES, seed=SEED, runs=len(runs))
+  ext = stats.paired_bootstrap(stats.pool_runs(load(runs, grown, ext_sub), names), resamples=RESAMPLES, seed=SEED,
+                               runs=len(runs))
   ext_of = external_stats(sweeps)
 
   def top1(m: str, spec: str) -> Callable[..., Any]:
@@ -199,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
   for m, seconds in wall(runs, grown).items():
     costs[m]["train_wall_s"] = seconds
   per_seed = []
-  for s, (w, v) in enumerate(zip(runs, grown)):
-    cells = merged(stats.load_correct(w / "eval"), stats.load_correct(v / "eval"), str(v))
+  for w, cells in zip(runs, per_run):
     acc = {k: float(np.mean(x)) for k, x in cells.items()}
     seed = json.loads((w / "config.json").read_text())["seed"]
     per_seed += [{"seed": seed, "method": m, "clean": 100 * acc[(m, CLEAN)], "jpeg10": 100 * acc[(m, JPEG10)],
