@@ -3,12 +3,14 @@
   python benchmarks/collect_reproduction.py --run runs/repro-s0 [--run runs/repro-s1 ...] [--study runs/depth]
   python benchmarks/collect_reproduction.py --into beyond --run runs/beyond-s0 ...   # -> reproduction/beyond/seed0
   python benchmarks/collect_reproduction.py --run runs/web --dest benchmarks/results/web/per_codec  # any one run
+  python benchmarks/collect_reproduction.py --study runs/depth-repro --study-dest depth_study_repro  # -> reproduction/
 
 Per run (seed<N>/): config.json, timings.json, every stage's DONE.json, the baseline's metrics.jsonl (unless it is
 shared from another run: config.shared), and
 W/eval (results.json/.csv, master.json, reliability.json, correct/: every image's top-1 per method and spec),
 which is all `msnet report --runs` reads, so later seeds pool with these without re-running them; W/report
-(report.md, table1.csv, figures); and a run.log.gz beside the workdir's files (benchmarks/device_run.sh's log). From the depth study: W/study (depth.md, depth.csv, depth.png). Checkpoints and
+(report.md, table1.csv, figures); and a run.log.gz beside the workdir's files (benchmarks/device_run.sh's log). From the depth study: W/study (depth.md, depth.csv, depth_vs_reference.csv, depth.png), its timings.json and each depth's
+eval/ and timings.json (so the depths' per-image results can be compared again without re-running them). Checkpoints and
 shards are not copied (they are rebuilt by the commands in the README).
 """
 
@@ -52,15 +54,20 @@ def main() -> None:
   parser.add_argument("--study", type=pathlib.Path, help="a finished `msnet study` workdir")
   parser.add_argument("--into", default="", help="a subfolder of reproduction/ for the runs (e.g. beyond)")
   parser.add_argument("--dest", type=pathlib.Path, help="the destination folder of a single --run")
+  parser.add_argument("--study-dest", default="depth_study", help="the --study's folder under reproduction/")
   args = parser.parse_args()
   if args.dest and len(args.run) != 1:
     parser.error("--dest takes exactly one --run")
   for run in args.run:
     print(f"{run} -> {collect_run(run, args.into, args.dest)}")
   if args.study:
-    _copy(args.study / "study", OUT / "depth_study")
-    _copy(args.study / "timings.json", OUT / "depth_study" / "timings.json")
-    print(f"{args.study / 'study'} -> {OUT / 'depth_study'}")
+    dst = OUT / args.study_dest
+    _copy(args.study / "study", dst)
+    _copy(args.study / "timings.json", dst / "timings.json")
+    for depth in sorted(args.study.glob("depth-*/")):
+      for name in ("eval", "timings.json"):
+        _copy(depth / name, dst / depth.name / name)
+    print(f"{args.study / 'study'} -> {dst}")
 
 
 if __name__ == "__main__":

@@ -90,11 +90,6 @@ def external_stats(sweeps: Mapping[str, Sequence[str]]) -> dict[str, Callable[[s
   return {"mean_top1": mean_top1, "mce": mce}
 
 
-def verdict(ci: Mapping[str, float], higher_better: bool = True) -> str:
-  lo, hi = (ci["lo"], ci["hi"]) if higher_better else (-ci["hi"], -ci["lo"])
-  return "better" if lo > 0 else "worse" if hi < 0 else "undecided"
-
-
 def cost(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
   """Per method: training GFLOPs beyond the baseline's, and inference MFLOPs per image (docstring's model)."""
   import jax  # noqa: PLC0415
@@ -190,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
            "pct_change": diff(pct, a, b, boot), "jpeg10": diff(lambda m: top1(m, JPEG10), a, b, boot),
            "clean": diff(lambda m: top1(m, CLEAN), a, b, boot),
            "ext_mean_top1": diff(ext_of["mean_top1"], a, b, ext), "ext_mce": diff(ext_of["mce"], a, b, ext)}
-    row["verdicts"] = {k: verdict(row[k], higher_better=k != "ext_mce")
+    row["verdicts"] = {k: stats.verdict(row[k], higher_better=k != "ext_mce")
                        for k in ("pct_change", "clean", "ext_mean_top1", "ext_mce")}
     comparisons.append(row)
   # Do they add up? The JPEG-10 gain of MS + AugMix against the sum of MS's and AugMix's gains.
@@ -250,7 +245,7 @@ def render(r: Mapping[str, Any]) -> str:
            f"Do they add up? JPEG-10 gain of MS + AugMix minus the sum of MS's and AugMix's gains: "
            f"{_ci(r['additivity_jpeg10'])} points ("
            + {"better": "more than additive", "worse": "less than additive",
-              "undecided": "undecided: additive lies inside the interval"}[verdict(r["additivity_jpeg10"])] + ").", "",
+              "undecided": "undecided: additive lies inside the interval"}[stats.verdict(r["additivity_jpeg10"])] + ").", "",
            "Per seed (`per_seed.csv`):", "",
            tables.markdown(["seed", "method", "clean", "JPEG-10", "% change"],
                            [[p["seed"], names[p["method"]], p["clean"], p["jpeg10"], p["pct_change"]]

@@ -12,7 +12,8 @@ reproduction's stage times: the baseline 26 min, then per depth two branches (11
 The demo's data, network and stages (configs/demo.py): one baseline and one master, trained once, and per
 depth the branches for JPEG 5-20 and JPEG 2000 12:1-24:1 from the baseline re-split at that depth, each
 `stages.branch.steps` long as in the demo. Only the methods and specs the table needs are evaluated.
-W/study/depth.md holds the table and figure (msnet/study.py).
+W/study/depth.md holds the table and figure, and each depth against `study.reference` (the base config's own
+depth: 10 for the demo, 4 for :repro) as a paired difference of % change with its interval (msnet/study.py).
 """
 
 import pathlib
@@ -44,6 +45,8 @@ def get_config(arg: str | None = None):
       degraded="jpeg:10",                # ... and d, on this one (the paper's Table 1: JPEG quality 10)
       resamples=2000,                    # bootstrap resamples of the test images for the % change intervals
       level=0.95,                        # confidence level of those intervals
+      reference=c.model.trunk_layers,    # the depth every other is compared with, paired (% change minus its own):
+                                         # the depth the base config uses; one of trunk_layers
   ))
   if args.get("repro"):
     c.study.trunk_layers = (2, 3, 4, 7)

@@ -8,7 +8,8 @@ depth (re-split, `msnet.models.resplit_params`), and so does one master (it neve
   W/depth-<d>/          data -> ../data and train/master -> ../../train/master (symlinks), train/baseline
                         shared from W cut at d (`msnet.train.stages.share_stage`: a ckpt symlink, no
                         copy), its own branch_<bin> stages, eval/ over the study config's sweeps and methods
-  W/study/depth.md      the table and figure; depth.csv, depth.png
+  W/study/depth.md      the table and figure; depth.csv, depth.png; each depth against study.reference
+                        (paired % change difference): depth_vs_reference.csv
 
 Every part is skipped when complete (shards, DONE.json, evaluation cells), like `msnet run`. The study's
 knobs are the config's `study` section (configs/depth_study.py).
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from msnet import config as config_lib, degradations, models, pipeline
+from msnet import config as config_lib, degradations, errors, models, pipeline
 from msnet.report import sections, stats, tables
 from msnet.train import stages
 
@@ -60,6 +61,7 @@ def check_study(config: ml_collections.ConfigDict) -> None:
     for m in s[field]:
       _require(m in TABLE_METHODS, f"study.{field}", f"{m!r} is not one of {list(TABLE_METHODS)}")
       _require(m in methods, f"study.{field}", f"{m!r} is not in config.evaluate.methods")
+  _require(s.reference in depths, "study.reference", f"{s.reference} is not one of study.trunk_layers {tuple(depths)}")
   _require("baseline" in methods, "evaluate.methods", "the % change needs 'baseline'")
   _require(len(config.bins) >= 2, "bins", "the study trains a branch per bin after the first; give >= 2 bins")
 
@@ -131,6 +133,47 @@ def depth_row(config: ml_collections.ConfigDict, workdir: pathlib.Path, trunk_la
   return row
 
 
+def against_reference(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict[str, Any]]:
+  """Per depth but study.reference, each change method's % change minus its own at the reference depth.
+
+  Every depth evaluates the same test images with the same baseline (re-split, not retrained; checked image by
+  image), so c and d are shared and one paired resample of the images serves all depths: the interval of the
+  difference is far narrower than the two depths' intervals side by side suggest.
+  """
+  s = config.study
+  clean, degraded = (str(degradations.parse(x)) for x in (s.clean, s.degraded))
+  ref = int(s.reference)
+  per_depth = {d: stats.load_correct(depth_dir(workdir, d) / "eval") for d in s.trunk_layers}
+  for d, correct in per_depth.items():
+    for spec in (clean, degraded):
+      if not np.array_equal(correct[("baseline", spec)], per_depth[ref][("baseline", spec)]):
+        raise errors.InvalidInputError(f"study: the baseline at depth {d} differs from depth {ref}'s on {spec}; "
+                                       "every depth must evaluate the one shared baseline on the same images")
+  cells = {("baseline", spec): per_depth[ref][("baseline", spec)] for spec in (clean, degraded)}
+  cells.update({(f"{m}@{d}", degraded): per_depth[d][(m, degraded)] for d in s.trunk_layers
+                for m in s.change_methods})
+  boot = stats.paired_bootstrap(cells, resamples=int(s.resamples), seed=int(config.seed), level=float(s.level))
+
+  def change(m: str, d: int) -> Any:
+    return lambda a: stats.pct_change(a[("baseline", clean)], a[("baseline", degraded)], a[(f"{m}@{d}", degraded)])
+
+  rows = []
+  for d in sorted(x for x in s.trunk_layers if x != ref):
+    row: dict[str, Any] = dict(trunk_layers=d)
+    for m in s.change_methods:
+      ci = boot.interval(lambda a, m=m, d=d: change(m, d)(a) - change(m, ref)(a))
+      row.update({f"{m} minus_ref{suffix}": float(ci[key]) if math.isfinite(ci[key]) else math.nan
+                  for key, suffix in (("point", ""), ("lo", "_lo"), ("hi", "_hi"))})
+      row[f"{m} verdict"] = stats.verdict(ci)
+    rows.append(row)
+  return rows
+
+
+def reference_columns(config: ml_collections.ConfigDict) -> list[str]:
+  return ["trunk_layers"] + [f"{m} {x}" for m in config.study.change_methods
+                             for x in ("minus_ref", "minus_ref_lo", "minus_ref_hi", "verdict")]
+
+
 def columns(config: ml_collections.ConfigDict) -> list[str]:
   s = config.study
   return (["trunk_layers", "first_branch_layer", "branch_mflops", "branch_flops_pct", "branch_params",
@@ -183,6 +226,8 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
   header = columns(config)
   sections.write_csv(out / "depth.csv", header, rows)
   depth_figure(config, rows, out / "depth.png")
+  against = against_reference(config, workdir)
+  sections.write_csv(out / "depth_vs_reference.csv", reference_columns(config), against)
   base_depth = json.loads((workdir / "train" / "baseline" / "DONE.json").read_text())
   lines = [
       "# Trunk-depth study", "",
@@ -199,6 +244,11 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
       f"the baseline network's. Every number is in depth.csv.", "",
       _markdown_table(config, rows), "",
       "![trunk depth](depth.png)", "",
+      f"## Against depth {s.reference}", "",
+      f"Each depth's % change at {s.degraded} minus depth {s.reference}'s (points), with its {100 * s.level:g}% "
+      f"paired bootstrap interval: the same images and the same baseline at every depth, one resample for all. "
+      f"better / worse: the whole interval above / below 0; undecided: it holds 0. In depth_vs_reference.csv.", "",
+      _reference_table(config, against), "",
   ]
   path = out / "depth.md"
   path.write_text("\n".join(lines))
@@ -212,6 +262,15 @@ def _markdown_table(config: ml_collections.ConfigDict, rows: list[dict[str, Any]
   body = [[r[h] for h in plain] + [f"{tables.fmt(r[c])} [{tables.fmt(r[c + '_lo'])}, {tables.fmt(r[c + '_hi'])}]"
                                    for c in changes] for r in rows]
   return tables.markdown(plain + [f"{c.split()[0]} % change [CI]" for c in changes], body)
+
+
+def _reference_table(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> str:
+  """One row per depth: each change method's "3.1 [1.2, 5.0] better"."""
+  methods = config.study.change_methods
+  body = [[r["trunk_layers"]] + [f"{tables.fmt(r[m + ' minus_ref'])} [{tables.fmt(r[m + ' minus_ref_lo'])}, "
+                                 f"{tables.fmt(r[m + ' minus_ref_hi'])}] {r[m + ' verdict']}" for m in methods]
+          for r in rows]
+  return tables.markdown(["trunk_layers"] + [f"{m} minus depth {config.study.reference} [CI]" for m in methods], body)
 
 
 def _duration(stage: ml_collections.ConfigDict) -> str:

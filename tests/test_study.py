@@ -89,6 +89,60 @@ def test_table_has_a_row_per_depth_and_the_cost_of_a_branch_from_the_models(stud
   assert (studied / "study" / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_each_depth_against_the_reference_is_the_paired_difference_of_its_pct_change(studied):
+  c = study_config()
+  assert c.study.reference == c.model.trunk_layers == 10
+  with (studied / "study" / "depth_vs_reference.csv").open() as f:
+    against = list(csv.DictReader(f))
+  with (studied / "study" / "depth.csv").open() as f:
+    rows = {int(r["trunk_layers"]): r for r in csv.DictReader(f)}
+  assert [int(r["trunk_layers"]) for r in against] == [4] and list(against[0]) == study.reference_columns(c)
+  for m in c.study.change_methods:
+    diff, lo, hi, verdict = (against[0][f"{m} {x}"] for x in ("minus_ref", "minus_ref_lo", "minus_ref_hi", "verdict"))
+    if rows[4][f"{m} pct_change"] == "":  # the 2-step baseline does not degrade: no % change at either depth
+      assert diff == "" and verdict == "undecided"
+      continue
+    assert float(diff) == pytest.approx(float(rows[4][f"{m} pct_change"]) - float(rows[10][f"{m} pct_change"]))
+    assert verdict == ("better" if lo and float(lo) > 0 else "worse" if hi and float(hi) < 0 else "undecided")
+  assert "## Against depth 10" in (studied / "study" / "depth.md").read_text()
+
+
+def _synthetic_depths(monkeypatch, per_depth: dict) -> None:
+  """stats.load_correct answers each W/depth-<d>/eval from per_depth[d]: per-image results a test chooses."""
+  monkeypatch.setattr(study.stats, "load_correct", lambda eval_dir: per_depth[int(eval_dir.parent.name[6:])])
+
+
+def test_the_depth_comparison_against_numpy_on_chosen_per_image_results(monkeypatch, tmp_path):
+  # 400 images: the baseline right on all clean ones and on 200 of the JPEG-10 ones, so c - d = 50 points.
+  # MS at depth 4 recovers 100 of the 200 losses (50% change), at depth 10 only 40 of them (20%).
+  n = 400
+  base_d = np.arange(n) < 200
+  ms = {4: np.arange(n) < 300, 10: np.arange(n) < 240}
+  per_depth = {d: {("baseline", "clean"): np.ones(n, bool), ("baseline", "jpeg:10"): base_d,
+                   ("ms", "jpeg:10"): ms[d], ("oracle", "jpeg:10"): ms[10], ("ams", "jpeg:10"): base_d}
+               for d in (4, 10)}
+  _synthetic_depths(monkeypatch, per_depth)
+  c = study_config()
+  (row,) = study.against_reference(c, tmp_path)
+  assert row["ms minus_ref"] == pytest.approx(100 * (300 - 240) / 200)  # 50% - 20%
+  assert row["ms verdict"] == "better" and 0 < row["ms minus_ref_lo"] < 30 < row["ms minus_ref_hi"]
+  # The paired resamples, redone in NumPy float64: the same draws of images, the statistic per draw.
+  rng = np.random.default_rng(int(c.seed))
+  idx = rng.integers(0, n, (int(c.study.resamples), n))
+  d, c4, c10 = base_d[idx].mean(1), ms[4][idx].mean(1), ms[10][idx].mean(1)
+  want = 100 * (c4 - c10) / (1 - d)
+  alpha = (1 - c.study.level) / 2
+  assert row["ms minus_ref_lo"] == pytest.approx(np.quantile(want, alpha, method="lower"))
+  assert row["ms minus_ref_hi"] == pytest.approx(np.quantile(want, 1 - alpha, method="higher"))
+  # The same network at both depths: exactly 0 in every resample, so 0 [0, 0] and undecided.
+  assert (row["oracle minus_ref"], row["oracle minus_ref_lo"], row["oracle minus_ref_hi"]) == (0.0, 0.0, 0.0)
+  assert row["oracle verdict"] == row["ams verdict"] == "undecided"
+  # A depth whose baseline is not the shared one breaks the pairing: refused, naming the depth.
+  per_depth[4][("baseline", "jpeg:10")] = ms[10]
+  with pytest.raises(errors.InvalidInputError, match="baseline at depth 4 differs from depth 10's on jpeg:10"):
+    study.against_reference(c, tmp_path)
+
+
 def test_one_baseline_and_one_master_serve_every_depth(studied):
   trained = sorted(str(p.relative_to(studied)) for p in studied.rglob("metrics.jsonl"))
   assert trained == ["depth-10/train/branch_jp2k/metrics.jsonl", "depth-10/train/branch_jpeg/metrics.jsonl",
@@ -134,6 +188,7 @@ def test_a_workdir_with_its_own_baseline_is_not_overwritten(studied, tmp_path):
     ("study.specs", ("clean", "jpeg:30"), "config.study.specs: 'jpeg:30' is in no sweep"),
     ("study.degraded", "jpeg:5", "config.study.degraded: 'jpeg:5' is in no sweep"),
     ("study.change_methods", ("map",), "config.study.change_methods: 'map' is not one of"),
+    ("study.reference", 7, "config.study.reference: 7 is not one of study.trunk_layers"),
 ])
 def test_bad_study_fields_are_refused_naming_the_field(field, value, message):
   c = study_config()

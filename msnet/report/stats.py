@@ -180,6 +180,13 @@ def decide(ci: Mapping[str, float], threshold: float = 0.0) -> str:
   return "undecided"
 
 
+def verdict(ci: Mapping[str, float], higher_better: bool = True) -> str:
+  """A difference a - b from its interval: "better" (a) when the whole interval is on the good side of 0,
+  "worse" when it is on the other, "undecided" when it holds 0 (or is unbounded)."""
+  lo, hi = (ci["lo"], ci["hi"]) if higher_better else (-ci["hi"], -ci["lo"])
+  return "better" if lo > 0 else "worse" if hi < 0 else "undecided"
+
+
 def combine(verdicts: Sequence[str]) -> str:
   """A claim made of parts: holds when every part holds, fails when any part fails, else undecided."""
   if verdicts and all(v == "holds" for v in verdicts):
