@@ -1,10 +1,13 @@
-"""One short prepared run for an accelerator: the ImageNet VGG-16 slave's bf16 train step and AMS evaluation.
+"""One short prepared run for an accelerator: an ImageNet slave's bf16 train step and AMS evaluation.
 
   python benchmarks/bench_device.py --peak-tflops 989 --batches 64,128,256   # a GPU/TPU (H100/H200 dense bf16: 989)
-  python benchmarks/bench_device.py --smoke                # a CPU check that the script runs (batch 2)
+  python benchmarks/bench_device.py --arch resnet50 --peak-tflops 989 --batches 128,256
+  python benchmarks/bench_device.py --smoke [--arch resnet50]   # a CPU check that the script runs (batch 2)
 
-The model is configs/imagenet_vgg16.py's (224x224, trunk conv1_1..conv5_1, K=3 branches, bfloat16 compute
-with float32 params), data-parallel over every local device. It reports images/s of the jitted train step
+The model is --arch's config's (ARCHS: configs/imagenet_vgg16.py, trunk conv1_1..conv5_1, or
+configs/imagenet_resnet50.py, trunk = stem + stages 1-3, BatchNorm), 224x224, K=3 branches, bfloat16 compute
+with float32 params, data-parallel over every local device. A BatchNorm network trains on the batch's
+statistics and carries its running ones through the step, as msnet's train step does. It reports images/s of the jitted train step
 (softmax CE over all branches, SGD momentum) and of AMS evaluation (slave forward + decision.ams), and model
 FLOP utilisation two ways, over --peak-tflops x device count: analytic FLOPs (msnet.models.flops_per_image;
 train = 3 x forward), and the FLOPs XLA counts in the compiled program (`compiled.cost_analysis()["flops"]`,
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -26,15 +28,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-import imagenet_vgg16  # noqa: E402
-
 from common import write_results  # noqa: E402
 
-from msnet import decision  # noqa: E402
+from msnet import config as config_lib, decision  # noqa: E402
 from msnet.models import build_slave, compiler_options, flops_per_image  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "device.json")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+ARCHS = {"vgg16": "imagenet_vgg16.py", "resnet50": "imagenet_resnet50.py"}  # --arch -> its ImageNet config
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -52,6 +53,7 @@ def main() -> None:
   ap.add_argument("--reps", type=int, default=10, help="timed calls of each step after 2 warm-up calls")
   ap.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 dense peak per device (0: no MFU)")
   ap.add_argument("--smoke", action="store_true", help="batch 2 per device, 1 timed call (CPU check)")
+  ap.add_argument("--arch", choices=sorted(ARCHS), default="vgg16", help="the slave, by its ImageNet config")
   ap.add_argument("--out", default=RESULTS)
   a = ap.parse_args()
   devices = jax.devices()
@@ -60,11 +62,11 @@ def main() -> None:
   bad = [b for b in batches if b % len(devices)]
   if bad:
     raise SystemExit(f"--batches {bad} are not multiples of the {len(devices)} devices")
-  cfg = imagenet_vgg16.get_config()
+  cfg = config_lib.config_file(os.path.join(CONFIGS, ARCHS[a.arch]))
   model = build_slave(cfg.model, 1000, 3)
   mesh = Mesh(np.array(devices), ("data",))
   results = [measure(model, mesh, batch, reps, a.peak_tflops) for batch in batches]
-  write_results(a.out, dict(device=devices[0].device_kind, devices=len(devices), peak_tflops=a.peak_tflops,
+  write_results(a.out, dict(arch=a.arch, device=devices[0].device_kind, devices=len(devices), peak_tflops=a.peak_tflops,
                             gflop_per_image=results[0]["gflop_per_image"], batches=results))
 
 
@@ -84,39 +86,44 @@ def measure(model, mesh: Mesh, batch: int, reps: int, peak_tflops: float) -> dic
   rng = np.random.default_rng(0)
   x = jax.device_put(rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8), data)
   y = jax.device_put(rng.integers(0, 1000, batch).astype(np.int32), data)
-  params = jax.jit(model.init, out_shardings=repl)(jax.random.key(0), x[:1])["params"]
+  variables = jax.jit(model.init, out_shardings=repl)(jax.random.key(0), x[:1])
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}  # {"batch_stats": ...} or {}
   tx = optax.sgd(0.01, momentum=0.9)
-  state = [params, jax.jit(tx.init, out_shardings=repl)(params)]
+  state = [params, jax.jit(tx.init, out_shardings=repl)(params), model_state]
 
-  def loss(p, x, y):
-    logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(y, logits.shape[:2])).mean()
+  def loss(p, ms, x, y):
+    out = model.apply({"params": p, **ms}, x, train=True, rngs={"dropout": jax.random.key(1)},
+                      **({"mutable": list(ms)} if ms else {}))
+    logits, ms = out if ms else (out, ms)
+    logits = logits.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(y, logits.shape[:2])).mean(), ms
 
-  def step(p, o, x, y):
-    value, grads = jax.value_and_grad(loss)(p, x, y)
+  def step(p, o, ms, x, y):
+    (value, ms), grads = jax.value_and_grad(loss, has_aux=True)(p, ms, x, y)
     updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, value
+    return optax.apply_updates(p, updates), o, ms, value
 
   t0 = time.perf_counter()
-  train_step = jax.jit(step, in_shardings=(repl, repl, data, data), out_shardings=(repl, repl, repl),
-                       donate_argnums=(0, 1), compiler_options=compiler_options()).lower(*state, x, y).compile()
-  ams_eval = jax.jit(lambda p, x: jnp.argmax(decision.ams(model.apply({"params": p}, x)), axis=-1),
-                     in_shardings=(repl, data), out_shardings=data,
-                     compiler_options=compiler_options()).lower(state[0], x).compile()
+  train_step = jax.jit(step, in_shardings=(repl, repl, repl, data, data), out_shardings=(repl, repl, repl, repl),
+                       donate_argnums=(0, 1, 2), compiler_options=compiler_options()).lower(*state, x, y).compile()
+  ams_eval = jax.jit(lambda p, ms, x: jnp.argmax(decision.ams(model.apply({"params": p, **ms}, x)), axis=-1),
+                     in_shardings=(repl, repl, data), out_shardings=data,
+                     compiler_options=compiler_options()).lower(state[0], state[2], x).compile()
   compile_s = time.perf_counter() - t0
   compiled_gflop = {"train_step_bf16": _compiled_flops(train_step), "ams_eval_bf16": _compiled_flops(ams_eval)}
 
   def train():
-    p, o, value = train_step(*state, x, y)
-    state[:] = [p, o]
+    p, o, ms, value = train_step(*state, x, y)
+    state[:] = [p, o, ms]
     return value
 
   gflop = flops_per_image(model, params, 224) / 1e9
   for _ in range(2):
     jax.block_until_ready(train())
-    jax.block_until_ready(ams_eval(state[0], x))
+    jax.block_until_ready(ams_eval(state[0], state[2], x))
   rows = {}
-  for name, fn, flop in (("train_step_bf16", train, 3 * gflop), ("ams_eval_bf16", lambda: ams_eval(state[0], x), gflop)):
+  for name, fn, flop in (("train_step_bf16", train, 3 * gflop), ("ams_eval_bf16", lambda: ams_eval(state[0], state[2], x), gflop)):
     t = statistics.median(timed(fn, reps))
     tflops = batch * flop / t / 1e3
     # cost_analysis counts the whole program over all devices' shards (SPMD: one device's program x devices)

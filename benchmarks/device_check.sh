@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 20's device check, in one call of the device tool (an NVIDIA H200 with no network), within 8 minutes:
-#   (device tool) run: bash benchmarks/device_check.sh   carry: [".whl"]   timeout_s: 540
+#   (device tool) run: bash benchmarks/device_check.sh   carry: [".whl"]   timeout_s: 600
 # .whl/ holds the wheels the device image lacks, as for benchmarks/device_run.sh. Writes $OUT/ (copy it to
 # benchmarks/results/device/):
 #   (c) run_gpu.log.gz, workdir.tgz: the whole `msnet run` of configs/cifar10_repro.py:gpu (degrade included),
@@ -9,7 +9,9 @@
 #       analytic count and from XLA's cost analysis), benchmarks/bench_device.py;
 #   (b) the CIFAR baseline stage for 2 epochs at batch 128 (configs/cifar10_repro.py as it was), on the host path
 #       and on the device-resident path, on (c)'s shards; the accelerator config's rate comes from (c);
-#   summary.json, summary.md: benchmarks/device_summary.py over all of it, against the targets.
+#   summary.json, summary.md: benchmarks/device_summary.py over all of it, against the targets;
+#   (d) resnet50_224.json: the same as (a) for the 224x224 ResNet-50 slave (configs/imagenet_resnet50.py, issue 21),
+#       last, after (a)-(c) are summarised and packed: if it runs past the call's limit, only (d) is lost.
 # JAX's persistent compilation cache is on (JAX_COMPILATION_CACHE_DIR): a stage's second program of the same shape
 # (e.g. the branches, the DA heads) is read from it instead of compiled again.
 set -uo pipefail
@@ -40,7 +42,12 @@ for path in off on; do
   echo "baseline batch 128 device_data=$path rc=$?" | tee -a "$OUT/rc.txt"
 done
 
-python3 benchmarks/device_summary.py --run "$w" --b128 "$w128-off" --b128 "$w128-on" --vgg "$OUT/vgg16_224.json" \
+python3 benchmarks/device_summary.py --run "$w" --b128 "$w128-off" --b128 "$w128-on" --bench "$OUT/vgg16_224.json" \
   --rc "$OUT/rc.txt" --out "$OUT" 2>&1 | tail -n 60
 tar czf "$OUT/workdir.tgz" -C "$w" --exclude=./data --exclude=ckpt . && gzip -f "$OUT/run_gpu.log"
+
+timeout 80 python3 benchmarks/bench_device.py --arch resnet50 --peak-tflops 989 --batches 128,256 --reps 10 \
+  --out "$OUT/resnet50_224.json" 2>&1 | tee "$OUT/resnet50_224.log"
+python3 benchmarks/device_summary.py --run "$w" --b128 "$w128-off" --b128 "$w128-on" --bench "$OUT/vgg16_224.json" \
+  --bench "$OUT/resnet50_224.json" --rc "$OUT/rc.txt" --out "$OUT" > /dev/null 2>&1
 ls -la "$OUT"
