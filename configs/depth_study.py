@@ -45,8 +45,9 @@ def get_config(arg: str | None = None):
       degraded="jpeg:10",                # ... and d, on this one (the paper's Table 1: JPEG quality 10)
       resamples=2000,                    # bootstrap resamples of the test images for the % change intervals
       level=0.95,                        # confidence level of those intervals
-      reference=c.model.trunk_layers,    # the depth every other is compared with, paired (% change minus its own):
-                                         # the depth the base config uses; one of trunk_layers
+      # the depth every other is compared with, paired (% change minus its own); one of trunk_layers.
+      # None: config.model.trunk_layers, the depth the base config uses (it follows a --config.model override)
+      reference=ml_collections.config_dict.placeholder(int),
   ))
   if args.get("repro"):
     c.study.trunk_layers = (2, 3, 4, 7)

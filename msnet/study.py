@@ -61,7 +61,9 @@ def check_study(config: ml_collections.ConfigDict) -> None:
     for m in s[field]:
       _require(m in TABLE_METHODS, f"study.{field}", f"{m!r} is not one of {list(TABLE_METHODS)}")
       _require(m in methods, f"study.{field}", f"{m!r} is not in config.evaluate.methods")
-  _require(s.reference in depths, "study.reference", f"{s.reference} is not one of study.trunk_layers {tuple(depths)}")
+  ref = reference_depth(config)
+  _require(ref in depths, "study.reference", f"{ref} is not one of study.trunk_layers {tuple(depths)}"
+           + ("" if s.reference is not None else " (None: config.model.trunk_layers)"))
   _require("baseline" in methods, "evaluate.methods", "the % change needs 'baseline'")
   _require(len(config.bins) >= 2, "bins", "the study trains a branch per bin after the first; give >= 2 bins")
 
@@ -69,6 +71,12 @@ def check_study(config: ml_collections.ConfigDict) -> None:
 def _require(ok: bool, field: str, message: str) -> None:
   if not ok:
     raise config_lib.ConfigError(f"config.{field}: {message}")
+
+
+def reference_depth(config: ml_collections.ConfigDict) -> int:
+  """study.reference, or the config's own trunk depth where it is None (so it follows model.trunk_layers)."""
+  ref = config.study.reference
+  return int(config.model.trunk_layers if ref is None else ref)
 
 
 def depth_config(config: ml_collections.ConfigDict, trunk_layers: int) -> ml_collections.ConfigDict:
@@ -142,7 +150,7 @@ def against_reference(config: ml_collections.ConfigDict, workdir: pathlib.Path) 
   """
   s = config.study
   clean, degraded = (str(degradations.parse(x)) for x in (s.clean, s.degraded))
-  ref = int(s.reference)
+  ref = reference_depth(config)
   per_depth = {d: stats.load_correct(depth_dir(workdir, d) / "eval") for d in s.trunk_layers}
   for d, correct in per_depth.items():
     for spec in (clean, degraded):
@@ -229,6 +237,7 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
   against = against_reference(config, workdir)
   sections.write_csv(out / "depth_vs_reference.csv", reference_columns(config), against)
   base_depth = json.loads((workdir / "train" / "baseline" / "DONE.json").read_text())
+  ref = reference_depth(config)
   lines = [
       "# Trunk-depth study", "",
       f"One baseline ({config.model.arch}, {config.data.image_size}x{config.data.image_size}), trained once in "
@@ -244,8 +253,8 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
       f"the baseline network's. Every number is in depth.csv.", "",
       _markdown_table(config, rows), "",
       "![trunk depth](depth.png)", "",
-      f"## Against depth {s.reference}", "",
-      f"Each depth's % change at {s.degraded} minus depth {s.reference}'s (points), with its {100 * s.level:g}% "
+      f"## Against depth {ref}", "",
+      f"Each depth's % change at {s.degraded} minus depth {ref}'s (points), with its {100 * s.level:g}% "
       f"paired bootstrap interval: the same images and the same baseline at every depth, one resample for all. "
       f"better / worse: the whole interval above / below 0; undecided: it holds 0. In depth_vs_reference.csv.", "",
       _reference_table(config, against), "",
@@ -270,7 +279,7 @@ def _reference_table(config: ml_collections.ConfigDict, rows: list[dict[str, Any
   body = [[r["trunk_layers"]] + [f"{tables.fmt(r[m + ' minus_ref'])} [{tables.fmt(r[m + ' minus_ref_lo'])}, "
                                  f"{tables.fmt(r[m + ' minus_ref_hi'])}] {r[m + ' verdict']}" for m in methods]
           for r in rows]
-  return tables.markdown(["trunk_layers"] + [f"{m} minus depth {config.study.reference} [CI]" for m in methods], body)
+  return tables.markdown(["trunk_layers"] + [f"{m} minus depth {reference_depth(config)} [CI]" for m in methods], body)
 
 
 def _duration(stage: ml_collections.ConfigDict) -> str:

@@ -91,7 +91,7 @@ def test_table_has_a_row_per_depth_and_the_cost_of_a_branch_from_the_models(stud
 
 def test_each_depth_against_the_reference_is_the_paired_difference_of_its_pct_change(studied):
   c = study_config()
-  assert c.study.reference == c.model.trunk_layers == 10
+  assert c.study.reference is None and study.reference_depth(c) == c.model.trunk_layers == 10
   with (studied / "study" / "depth_vs_reference.csv").open() as f:
     against = list(csv.DictReader(f))
   with (studied / "study" / "depth.csv").open() as f:
@@ -189,6 +189,7 @@ def test_a_workdir_with_its_own_baseline_is_not_overwritten(studied, tmp_path):
     ("study.degraded", "jpeg:5", "config.study.degraded: 'jpeg:5' is in no sweep"),
     ("study.change_methods", ("map",), "config.study.change_methods: 'map' is not one of"),
     ("study.reference", 7, "config.study.reference: 7 is not one of study.trunk_layers"),
+    ("model.trunk_layers", 7, r"config.study.reference: 7 is not one of study.trunk_layers \(4, 10\) \(None: config"),
 ])
 def test_bad_study_fields_are_refused_naming_the_field(field, value, message):
   c = study_config()
