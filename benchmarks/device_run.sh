@@ -1,7 +1,7 @@
 #!/bin/bash
 # The whole `msnet run` of a config in one call of the device tool (an NVIDIA H200 lent to this workplace,
-# with no network): installs the wheels carried in .whl/ (the packages its image lacks, pinned as in
-# pyproject.toml; its own jax stays), runs, and returns the workdir without shards and checkpoints.
+# with no network): installs the wheels carried in .whl/ (the packages its image lacks, pinned as in pyproject.toml,
+# built by benchmarks/device_wheels.sh; its own jax stays), runs, and returns the workdir without shards and checkpoints.
 #   (device tool) run: bash benchmarks/device_run.sh configs/cifar10_beyond.py [--config.x=y ...]   carry: [".whl"]
 # Resumable: a second call on the same (still warm) machine continues the same workdir.
 set -uo pipefail
