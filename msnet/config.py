@@ -48,6 +48,8 @@ def _stage(**overrides: Any) -> ml_collections.ConfigDict:
       momentum=0.9,           # SGD momentum
       weight_decay=5e-4,      # decoupled weight decay on kernels
       train_specs=(),         # degradation specs of the training mixture; () = the stage's default
+      crop_pad=0,             # >0: random translation, zero-pad by this and crop back (msnet/train/crop.py);
+                              # for clean records only: it moves a degraded record's JPEG 8x8 grid
   ))
   stage.update(overrides)
   return stage
@@ -474,6 +476,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(s.schedule in ("cosine", "constant"), f"stages.{name}.schedule", "must be 'cosine' or 'constant'")
     _check(s.optimizer in ("sgd", "adamw"), f"stages.{name}.optimizer", "must be 'sgd' or 'adamw'")
     _check(s.warmup_steps >= 0, f"stages.{name}.warmup_steps", "must be >= 0")
+    _check(isinstance(s.crop_pad, int) and 0 <= s.crop_pad < c.data.image_size, f"stages.{name}.crop_pad",
+           f"must be an integer in [0, data.image_size = {c.data.image_size}), got {s.crop_pad!r}")
     for spec in s.train_specs:
       _spec_ok(degradations, spec, f"stages.{name}.train_specs")
   _check(0 < c.stages.deepcloak.mask_ratio < 1, "stages.deepcloak.mask_ratio", "must be in (0, 1)")

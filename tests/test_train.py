@@ -549,3 +549,18 @@ def test_calibrate_stage_fits_each_branch_on_held_out_records(trained, monkeypat
     assert result["own_bin_temperatures"][k] == pytest.approx(
         calibration.fit_temperature(logits[k][own], labels[own], weights[own]), rel=1e-3)
   assert all(b["nll_all_bins_calibrated"] <= b["nll_all_bins_raw"] + 1e-9 for b in result["branches"])
+
+
+def test_clock_rate_leaves_out_what_comes_before_the_first_tick_and_each_exclusion(monkeypatch):
+  """Images/s against a scripted perf_counter: compilation before the first finished call and every excluded
+  span (validation, a second program's compiling call) are not training time."""
+  from msnet.train import metrics as metrics_lib  # noqa: PLC0415
+  now = iter([0.0, 30.0, 40.0, 50.0])  # window at start; ticks after the first call, the second, the last
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: next(now))
+  clock = metrics_lib.Clock(start_step=0)
+  clock.exclude(25.0)        # before the first tick: inside the compile that the first tick already drops
+  clock.tick(7)              # t=30
+  clock.tick(14)             # t=40
+  clock.exclude(6.0)         # a second program compiled between t=40 and t=50
+  clock.tick(18)             # t=50
+  assert clock.rate(gb=100) == pytest.approx((18 - 7) * 100 / (50 - 30 - 6))

@@ -39,8 +39,9 @@ class Log:
 
 
 class Clock:
-  """Training images/s that leaves out compilation (everything up to the first finished call of a run)
-  and validation; checkpoint saves count, they are part of training."""
+  """Training images/s that leaves out compilation (everything up to the first finished call of a run, and
+  the first call of a second program: the single steps short of a whole call) and validation; checkpoint saves
+  count, they are part of training."""
 
   def __init__(self, start_step: int) -> None:
     self.excluded = 0.0

@@ -21,13 +21,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msnet import parallel
 from msnet.models import compiler_options
-from msnet.train import augmix, losses
+from msnet.train import augmix, crop, losses
 from msnet.train.state import TrainState
 
 # apply(params, model_state, images uint8 [B,H,W,3], train, rng) -> (logits [B, C], the new model_state)
 ApplyFn = Callable[[Any, Any, jax.Array, bool, jax.Array], tuple[jax.Array, Any]]
 StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 CallFn = Callable[[TrainState, Any, list[Any]], tuple[TrainState, dict[str, jax.Array]]]
+CROP_STREAM = 2  # the crop's key: the step's key folded with this (split gives dropout's and noise's)
 
 
 def slave_apply(model: Any, norm_train: tuple[str, ...] = ("trunk", "branches")) -> ApplyFn:
@@ -74,8 +75,11 @@ def gate_apply(gate: Any, slave: Any) -> ApplyFn:
 
 def _train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: Any,
                 rng: jax.Array, loss: str, alpha: float, noise_sigma: float,
-                mixing: augmix.Settings | None) -> StepFn:
-  """The pure step(state, batch) -> (state, metrics) that the single step and the scanned call jit."""
+                mixing: augmix.Settings | None, crop_pad: int = 0) -> StepFn:
+  """The pure step(state, batch) -> (state, metrics) that the single step and the scanned call jit.
+
+  `crop_pad` > 0: each image randomly translated (msnet/train/crop.py) by a key of its own, folded from the
+  step's, so the dropout, noise and AugMix draws are those of a run without it."""
   if loss not in ("ce", "stability", "augmix"):
     raise ValueError(f"loss {loss!r}: must be 'ce', 'stability' or 'augmix'")
   if (loss == "augmix") != (mixing is not None):
@@ -85,6 +89,8 @@ def _train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: o
     step_rng = jax.random.fold_in(rng, state.step)
     dropout_rng, noise_rng = jax.random.split(step_rng)
     images, labels = batch["image"], batch["label"]
+    if crop_pad:
+      images = crop.random_crop(images, jax.random.fold_in(step_rng, CROP_STREAM), crop_pad)
     if mixing is not None:  # the clean batch and two AugMix copies (each row its own draws), as one batch
       images = jnp.concatenate([images, augmix.augmix(jnp.concatenate([images, images]), noise_rng, mixing)])
 
@@ -113,14 +119,14 @@ def _train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: o
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *,
                     loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0,
-                    mixing: augmix.Settings | None = None) -> StepFn:
+                    mixing: augmix.Settings | None = None, crop_pad: int = 0) -> StepFn:
   """step(state, batch) -> (state, metrics: loss, accuracy, lr, grad_norm), jitted once.
 
   `trainable` is the bool pytree of optim.trainable_mask: frozen params enter the loss behind
   stop_gradient, so their gradients (and, for a frozen trunk, the whole backward pass through it) are
   never computed. `rng` is a key baked into the program, folded with state.step inside.
   """
-  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma, mixing)
+  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma, mixing, crop_pad)
   repl = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(shardings, parallel.data_sharding(mesh)),
                  out_shardings=(shardings, repl), donate_argnums=0, compiler_options=compiler_options())
@@ -147,7 +153,7 @@ def host_feed(mesh: Mesh) -> Feed:
 def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     trainable: Any, mesh: Mesh, shardings: TrainState, rng: jax.Array, *, steps: int, feed: Feed,
                     loss: str = "ce", alpha: float = 0.0, noise_sigma: float = 0.0,
-                    mixing: augmix.Settings | None = None, unroll: bool | None = None) -> CallFn:
+                    mixing: augmix.Settings | None = None, crop_pad: int = 0, unroll: bool | None = None) -> CallFn:
   """call(state, data, items) -> (state, metrics [steps]): `steps` train steps in one jitted program.
 
   `items` is the list of the `steps` loader items of the call, stacked inside and scanned over
@@ -161,7 +167,7 @@ def make_train_call(apply_fn: ApplyFn, tx: optax.GradientTransformation, schedul
   """
   if steps < 1:
     raise ValueError(f"steps {steps}: must be >= 1")
-  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma, mixing)
+  step = _train_step(apply_fn, tx, schedule, trainable, rng, loss, alpha, noise_sigma, mixing, crop_pad)
 
   def call(state: TrainState, data: Any, items: list[Any]) -> tuple[TrainState, dict[str, jax.Array]]:
     if len(items) != steps:
