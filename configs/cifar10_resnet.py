@@ -3,6 +3,7 @@ r"""The method on a ResNet, against AugMix: does master-slave beat it at equal c
   msnet run --config=configs/cifar10_resnet.py --workdir=runs/resnet-s0 [--config.seed=N]
   msnet run --config=configs/cifar10_resnet.py:on_augmix --workdir=runs/resnet-aug-s0 \
       --config.shared.workdir=runs/resnet-s0 [--config.seed=N]      # branches grown from that run's AugMix
+  ...:full and ...:full,on_augmix: the same at full width for one accelerator (`_full_width`; not run yet)
   python benchmarks/resnet_vs_augmix.py --runs runs/resnet-s0,... --on-augmix runs/resnet-aug-s0,...
 
 All 50,000 CIFAR-10 training and 10,000 test images, as configs/cifar10_repro.py, on a CIFAR pre-activation
@@ -30,7 +31,7 @@ from msnet import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg, known=("runlocal", "on_augmix"))
+  args = config_lib.parse_arg(arg, known=("runlocal", "on_augmix", "full"))
   c = config_lib.base_config()
   config_lib.cifar_jp2k(c)
   c.model.arch = "resnet18"
@@ -62,6 +63,8 @@ def get_config(arg: str | None = None):
   c.sweeps.blur = ("blur:1.5",)
   c.evaluate.sweeps = ("clean", "jpeg", "jp2k", "noise", "blur")
   c.evaluate.methods = ("baseline", "branches", "ms", "ams", "map", "oracle", "comparisons")
+  if args.get("full"):
+    _full_width(c)
   if args.get("on_augmix"):
     c.shared.data = True
     c.shared.stages = ("master", "baseline=augmix")
@@ -72,3 +75,36 @@ def get_config(arg: str | None = None):
     c.sweeps.jp2k = ("jp2k:12",)
     c.evaluate.sweeps = ("clean", "jpeg", "jp2k", "noise", "blur")
   return c
+
+
+def _full_width(c) -> None:
+  """`:full`, the same comparison at full width on one accelerator, where the baseline should reach >= 94% clean.
+
+  ResNet-18 at width 1 (64..512 channels, 11.2M params) with BatchNorm, the norm of the 94% CIFAR recipes (each
+  branch keeps its own running statistics), and their augmentation: random crops (pad 4) besides the flips, for
+  the stages that train on clean records (baseline, AugMix; crops would move a degraded record's JPEG grid, so
+  the branches, the master and DA keep flips only). Batch 512, SGD lr 0.4 (batch 128's 0.1, linear rule) after
+  5 epochs of warmup (Goyal et al. 2017), 40 epochs; the fixed-step stages keep their images seen (steps / 4)
+  at twice their learning rates. bfloat16, device-resident data, 7 steps per call (98 steps an epoch).
+  Prepared, not yet run: no accelerator time was left for it (README, "On a ResNet, against AugMix").
+  """
+  scale = 4
+  c.model.width = 1.0
+  c.model.norm = "batch"
+  c.model.compute_dtype = "bfloat16"
+  c.train.global_batch = 128 * scale
+  c.train.steps_per_call = 7
+  c.train.log_every_steps = 98
+  c.train.checkpoint_every_steps = 980
+  c.train.device_data = "on"
+  c.evaluate.device_data = "on"
+  c.evaluate.global_batch = 2500
+  c.degrade.num_workers = 14
+  c.stages.baseline.epochs = 40
+  c.stages.baseline.lr = 0.4
+  c.stages.baseline.warmup_steps = 5 * 98
+  for name in ("baseline", "augmix"):
+    c.stages[name].crop_pad = 4
+  for name in ("branch", "master", "da_fc8", "augmix"):
+    c.stages[name].steps = -(-c.stages[name].steps // scale)
+    c.stages[name].lr *= 2

@@ -85,6 +85,18 @@ def test_accelerator_config_keeps_every_stages_images_seen():
   assert gpu.stages.baseline.epochs == cpu.stages.baseline.epochs
 
 
+def test_full_width_resnet_crops_only_the_clean_stages_and_calls_divide_its_epochs():
+  full = _load(ROOT / "configs" / "cifar10_resnet.py", "full")
+  config_lib.validate(full)
+  assert full.model.width == 1.0 and full.model.norm == "batch"
+  assert {n for n, s in full.stages.items() if s.get("crop_pad")} == {"baseline", "augmix"}
+  steps_per_epoch = math.ceil(50_000 / full.train.global_batch)
+  assert steps_per_epoch % full.train.steps_per_call == 0 == full.train.checkpoint_every_steps % steps_per_epoch
+  paired = _load(ROOT / "configs" / "cifar10_resnet.py", "full,on_augmix")
+  paired.shared.workdir = "runs/resnet-full-s0"
+  config_lib.validate(paired)
+
+
 def test_bad_spec_in_sweep_is_refused():
   c = _load(ROOT / "configs" / "demo.py", None)
   c.sweeps.jpeg = ["jpeg:10", "jpeg:500"]
