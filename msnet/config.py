@@ -318,6 +318,30 @@ def parse_arg(arg: str | None, known: Sequence[str] = ("runlocal",)) -> dict[str
   return out
 
 
+def for_one_accelerator(c: ml_collections.ConfigDict, scale: int, stages: Sequence[str], lr_scale: float,
+                        steps_per_call: int = 7, train_records: int = 50_000) -> None:
+  """A config moved to one GPU with the same images seen: bfloat16 compute, `scale` x the global batch,
+  device-resident training and evaluation data, `steps_per_call` steps per call, a log line per epoch and a
+  checkpoint per 10, 14 degrade workers (the lent machine has 16 cores). The fixed-step `stages` take `scale` x
+  fewer steps at `lr_scale` x their learning rate; the epoch-based ones (the baseline) are the config's to set.
+  steps_per_call must divide an epoch's steps (of `train_records`), so that no call runs short of an epoch end."""
+  c.model.compute_dtype = "bfloat16"
+  c.train.global_batch *= scale
+  epoch = math.ceil(train_records / c.train.global_batch)
+  if epoch % steps_per_call:
+    raise ConfigError(f"config.train.steps_per_call: {steps_per_call} does not divide the {epoch} steps of an epoch")
+  c.train.steps_per_call = steps_per_call
+  c.train.log_every_steps = epoch
+  c.train.checkpoint_every_steps = 10 * epoch
+  c.train.device_data = "on"
+  c.evaluate.device_data = "on"
+  c.evaluate.global_batch = 2500
+  c.degrade.num_workers = 14
+  for name in stages:
+    c.stages[name].steps = -(-c.stages[name].steps // scale)
+    c.stages[name].lr *= lr_scale
+
+
 def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
   """Shrink data, model and steps so the whole pipeline of a config runs in about a minute on 2 CPUs."""
   c.data.max_train_examples = 512
