@@ -25,7 +25,8 @@ def _log(message: str) -> None:
 
 
 def _timed(workdir: pathlib.Path, name: str, fn: Callable[[], object]) -> object:
-  """Run one stage and record its wall time (process 0 writes W/timings.json)."""
+  """Run one stage and add its wall time to the stage's in W/timings.json (process 0 writes it): a resumed stage
+  sums its runs, and a rerun that finds the stage complete adds only its check, keeping the work's time."""
   _log(f"== {name}")
   start = time.perf_counter()
   out = fn()
@@ -34,7 +35,7 @@ def _timed(workdir: pathlib.Path, name: str, fn: Callable[[], object]) -> object
   if jax.process_index() == 0:
     path = workdir / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
-    timings[name] = round(seconds, 2)
+    timings[name] = round(timings.get(name, 0.0) + seconds, 2)
     path.write_text(json.dumps(timings, indent=2) + "\n")
   return out
 

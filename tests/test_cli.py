@@ -4,6 +4,7 @@ the user can fix as one line on stderr with exit code 2 (its traceback in the lo
 from __future__ import annotations
 
 import io
+import json
 import os
 import pathlib
 import re
@@ -174,3 +175,14 @@ def test_unexpected_error_keeps_its_traceback(tmp_path):
   assert proc.returncode == 1
   assert "Traceback (most recent call last):" in proc.stderr and "JSONDecodeError" in proc.stderr
   _logged_traceback(tmp_path, "train", "JSONDecodeError")
+
+
+def test_timings_add_up_over_reruns_so_a_skipped_stage_keeps_its_work(tmp_path, monkeypatch):
+  """W/timings.json: a stage's wall time is the sum over the commands that ran it (a rerun that finds it
+  complete adds its check; before, it overwrote the stage's hours with that check's seconds)."""
+  from msnet import pipeline  # noqa: PLC0415
+  clock = iter([0.0, 100.0, 200.0, 200.5])
+  monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
+  assert pipeline._timed(tmp_path, "train/baseline", lambda: "trained") == "trained"
+  pipeline._timed(tmp_path, "train/baseline", lambda: "skipped")
+  assert json.loads((tmp_path / "timings.json").read_text()) == {"train/baseline": 100.5}
