@@ -10,12 +10,11 @@ the cost is the baseline (50k images x `stages.baseline.epochs`) and the evaluat
 sweep spec x every method), so the sweeps keep the levels the paper's claims and figures need and the
 AlexNet comparison (Fig. 1b only, not a robustness method) is not trained.
 
-Trunk depth 4 (conv1_1..conv2_2 shared, each branch conv3_1..fc8), chosen from the depth study on the demo's
-network (configs/depth_study.py; benchmarks/results/reproduction/depth_study/depth.md, 1,000 test images):
-MS % change at JPEG-10 was 56.8 [29.6, 93.6] at depth 2, 33.8 [4.6, 62.3] at 4, 21.6 [-5.1, 48.4] at 7 and
-16.2 [-7.0, 39.0] at 10 (95% paired bootstrap). Depth 4 is the deepest trunk whose gain is decided above
-zero, and a branch there costs 68% of the baseline's FLOPs against 86% at depth 2; depth 2's MS gains
-1.7 more points at JPEG-10 than depth 4's, paired 95% CI [0.0, 3.4], at the edge of undecided. The paper's
+Trunk depth 4 (conv1_1..conv2_2 shared, each branch conv3_1..fc8), decided by the depth study on this
+network (configs/depth_study.py:repro, all 10,000 test images; benchmarks/results/reproduction/
+depth_study_repro/depth.md): MS % change at JPEG-10 48.1 [44.2, 52.0] at depth 4; depths 2 and 3 gain
++3.0 [-0.5, 6.4] and +3.1 [-0.1, 6.2] points over it (paired 95% CI: undecided) for branches of 86% and 80%
+of the network's FLOPs against 68%; depth 7 loses 12.8 [9.5, 16.4]. The paper's
 cut after the 11th layer would leave each branch two convs on 2x2 maps at 32x32.
 """
 
