@@ -78,8 +78,9 @@ def _accelerator(c) -> None:
     baseline trained to chance (loss ln 10 from the first epoch) and its master to 50% on 3 bins
     (benchmarks/results/device/summary.md). On the CPU, float32 (so not the precision), the same recipe gave the
     same: baseline loss 2.3055 at step 28, master 33.6% on validation; the master at 1x reached 81.9%, the
-    baseline at 4x with 245 warmup steps stalled as its rate passed 0.12 (loss 1.93 -> 2.09, steps 98-196),
-    and at 1x with 245 warmup steps it learned (README, "Keeping an accelerator busy", has its curve).
+    baseline at 4x with 245 warmup steps fell back to chance as its rate passed 0.12 (validation 29.6% at
+    epoch 3, 10.4% at 4), and at 1x with 245 warmup steps it learned
+    (benchmarks/results/device/cpu_probes/; README, "Keeping an accelerator busy", has its curve).
   - device-resident data for training and evaluation (train.device_data, evaluate.device_data): nothing per
     step on the host; steps_per_call 7 (one call per 7 steps; 7 divides an epoch of 49 steps at 50,000 images
     and the checkpoint interval), logs every epoch, evaluation batches of 2,500.
