@@ -257,7 +257,7 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
       f"Each depth's % change at {s.degraded} minus depth {ref}'s (points), with its {100 * s.level:g}% "
       f"paired bootstrap interval: the same images and the same baseline at every depth, one resample for all. "
       f"better / worse: the whole interval above / below 0; undecided: it holds 0. In depth_vs_reference.csv.", "",
-      _reference_table(config, against), "",
+      _reference_table(config, against, ref), "",
   ]
   path = out / "depth.md"
   path.write_text("\n".join(lines))
@@ -273,13 +273,13 @@ def _markdown_table(config: ml_collections.ConfigDict, rows: list[dict[str, Any]
   return tables.markdown(plain + [f"{c.split()[0]} % change [CI]" for c in changes], body)
 
 
-def _reference_table(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> str:
+def _reference_table(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], ref: int) -> str:
   """One row per depth: each change method's "3.1 [1.2, 5.0] better"."""
   methods = config.study.change_methods
   body = [[r["trunk_layers"]] + [f"{tables.fmt(r[m + ' minus_ref'])} [{tables.fmt(r[m + ' minus_ref_lo'])}, "
                                  f"{tables.fmt(r[m + ' minus_ref_hi'])}] {r[m + ' verdict']}" for m in methods]
           for r in rows]
-  return tables.markdown(["trunk_layers"] + [f"{m} minus depth {reference_depth(config)} [CI]" for m in methods], body)
+  return tables.markdown(["trunk_layers"] + [f"{m} minus depth {ref} [CI]" for m in methods], body)
 
 
 def _duration(stage: ml_collections.ConfigDict) -> str:
